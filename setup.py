@@ -1,0 +1,44 @@
+"""pause_flax: pretrain, finetune and evaluate decoder-only LMs with <pause> tokens."""
+
+import setuptools
+
+setuptools.setup(
+    name="pause-flax",
+    version="0.1.0",
+    description=(
+        "JAX/Flax NNX framework for training language models with pause tokens "
+        "(Goyal et al., ICLR 2024)."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["pause_flax", "pause_flax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.5.0,<0.12",
+        "flax>=0.12.0,<0.14",
+        "optax>=0.2.4,<0.4",
+        "orbax-checkpoint>=0.11.0,<0.14",
+        "chex>=0.1.87,<0.3",
+        "seqio>=0.0.19,<0.1",
+        "tensorflow-datasets>=4.9.4,<5",
+        "tensorflow>=2.16,<2.23",
+        "sentencepiece>=0.2.0,<0.3",
+        "gin-config>=0.5.0,<0.6",
+        "absl-py>=1.4,<3",
+        "numpy>=1.26,<3",
+        "matplotlib>=3.8,<4",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8,<10",
+            "hypothesis>=6.100,<7",
+            "scipy>=1.11,<2",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "pause-flax-train=pause_flax.train:console_main",
+        ],
+    },
+    include_package_data=True,
+)
