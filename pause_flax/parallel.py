@@ -123,7 +123,7 @@ def logical_sharding(mesh: Mesh, names: Sequence[str | None] | None,
 
 
 def _variable_names(variable) -> tuple[str | None, ...] | None:
-  for key in ("sharding_names", "sharding"):
+  for key in ("out_sharding", "sharding_names", "sharding"):  # flax >= 0.12: out_sharding
     names = getattr(variable, "get_metadata", lambda: {})().get(key) \
         if hasattr(variable, "get_metadata") else None
     if names is not None:
