@@ -193,12 +193,17 @@ def activation_sharding(mesh: Mesh | None, rules: LogicalRules = DEFAULT_RULES):
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """with_sharding_constraint by logical names; identity without a mesh."""
-  mesh = _ctx.mesh
-  if mesh is None or mesh.size == 1:
-    return x
   if len(names) != x.ndim:
     raise ValueError(f"constrain: {len(names)} names {tuple(names)} for a rank-{x.ndim} array")
-  return jax.lax.with_sharding_constraint(x, logical_sharding(mesh, names, _ctx.rules))
+  return constrain_with(_ctx.mesh, _ctx.rules, x, names)
+
+
+def constrain_with(mesh: Mesh | None, rules: LogicalRules, x: jax.Array,
+                   names: Sequence[str | None]) -> jax.Array:
+  """`constrain` with an explicit mesh and rules instead of the context."""
+  if mesh is None or mesh.size == 1:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_sharding(mesh, names, rules))
 
 
 def data_parallel_size(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> int:
