@@ -1,0 +1,439 @@
+"""Decoder-only Transformer in Flax NNX. Pause-agnostic: it sees token ids only.
+
+Architecture: token embedding -> num_layers x [pre-RMSNorm causal self-attention
+with rotary positions (grouped-query when num_kv_heads < num_heads), pre-RMSNorm
+MLP (GELU/SiLU/ReLU, optionally gated)] -> final RMSNorm -> output projection
+(tied to the embedding or untied) over the vocabulary padded to a multiple of
+`vocab_pad_multiple`; the padded columns get a large negative logit. No biases.
+
+Layers are stacked (`nnx.vmap` at init, `nnx.scan` at apply), so every block
+parameter has a leading `layers` axis and the step compiles one layer, not 24.
+
+Initialisation (GPT-2 style): every weight matrix, embedding and output head
+normal(0.02); the residual output projections (attention out, MLP out)
+normal(0.02 / sqrt(2 * num_layers)); RMSNorm scales ones.
+
+Shape suffixes: B batch, L query length, S key length (= L, or the cache
+length when decoding), D d_model, N query heads, K key/value heads, H head
+dim, F MLP dim, V padded vocabulary, Y layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import gin
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pause_flax.parallel import constrain
+
+# Logit of the padded vocabulary columns: finite, so 0 * log_softmax stays 0.
+PAD_LOGIT = -1e9
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    'gelu': jax.nn.gelu,
+    'silu': jax.nn.silu,
+    'relu': jax.nn.relu,
+}
+_REMAT_POLICIES = {
+    'full': None,  # save nothing, recompute the whole layer
+    # Save projection/MLP matmul outputs, recompute attention scores.
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Hyper-parameters of the decoder; the model reads nothing else."""
+  vocab_size: int  # true vocabulary size incl. the pause id
+  num_layers: int
+  d_model: int
+  num_heads: int
+  mlp_dim: int
+  head_dim: int | None = None  # default d_model // num_heads
+  num_kv_heads: int | None = None  # default num_heads; fewer = grouped-query
+  mlp_activation: str = 'gelu'  # 'gelu' | 'silu' | 'relu'
+  gated_mlp: bool = False
+  tie_embeddings: bool = False
+  max_len: int = 2048
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
+  dtype: str = 'float32'  # compute dtype
+  param_dtype: str = 'float32'
+  remat_policy: str = 'none'  # 'none' | 'full' | 'dots'
+  vocab_pad_multiple: int = 128
+
+  def __post_init__(self):
+    for name in ('vocab_size', 'num_layers', 'd_model', 'num_heads', 'mlp_dim',
+                 'max_len', 'vocab_pad_multiple'):
+      if getattr(self, name) < 1:
+        raise ValueError(f'TransformerConfig.{name}={getattr(self, name)} must be >= 1.')
+    if self.head_dim is None and self.d_model % self.num_heads:
+      raise ValueError(
+          f'd_model={self.d_model} is not divisible by num_heads={self.num_heads}; '
+          'set head_dim explicitly.')
+    if self.resolved_head_dim % 2:
+      raise ValueError(f'head_dim={self.resolved_head_dim} must be even for rotary positions.')
+    if self.num_heads % self.resolved_kv_heads:
+      raise ValueError(
+          f'num_heads={self.num_heads} must be a multiple of '
+          f'num_kv_heads={self.resolved_kv_heads}.')
+    if self.mlp_activation not in _ACTIVATIONS:
+      raise ValueError(
+          f'mlp_activation={self.mlp_activation!r}; choose from {sorted(_ACTIVATIONS)}.')
+    if self.remat_policy not in ('none', *_REMAT_POLICIES):
+      raise ValueError(
+          f"remat_policy={self.remat_policy!r}; choose from 'none', 'full', 'dots'.")
+    for name in ('dtype', 'param_dtype'):
+      try:
+        jnp.dtype(getattr(self, name))
+      except TypeError as e:
+        raise ValueError(f'TransformerConfig.{name}={getattr(self, name)!r} is not a dtype.') from e
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim if self.head_dim is not None else self.d_model // self.num_heads
+
+  @property
+  def resolved_kv_heads(self) -> int:
+    return self.num_kv_heads if self.num_kv_heads is not None else self.num_heads
+
+  @property
+  def padded_vocab_size(self) -> int:
+    m = self.vocab_pad_multiple
+    return -(-self.vocab_size // m) * m
+
+
+_MODEL_CONFIGS: dict[str, dict] = {
+    # CPU seconds: tests and smoke runs.
+    'tiny': dict(vocab_size=300, num_layers=2, d_model=64, num_heads=4, mlp_dim=128,
+                 max_len=256),
+    # The paper's models (~32k vocabulary, untied: ~136M and ~1.34B parameters).
+    'paper_130m': dict(vocab_size=32000, num_layers=12, d_model=768, num_heads=12,
+                       mlp_dim=3072, dtype='bfloat16'),
+    'paper_1b': dict(vocab_size=32000, num_layers=24, d_model=2048, num_heads=32,
+                     mlp_dim=8192, dtype='bfloat16'),
+    # Throughput benchmarks.
+    'bench_4l': dict(vocab_size=32000, num_layers=4, d_model=256, num_heads=4,
+                     head_dim=64, mlp_dim=1024, mlp_activation='silu', gated_mlp=True),
+}
+
+
+@gin.configurable
+def model_config(name: str, **overrides) -> TransformerConfig:
+  """A named config ('tiny', 'paper_130m', 'paper_1b', 'bench_4l') with overrides."""
+  if name not in _MODEL_CONFIGS:
+    raise ValueError(f'Unknown model config {name!r}; choose from {sorted(_MODEL_CONFIGS)}.')
+  return TransformerConfig(**{**_MODEL_CONFIGS[name], **overrides})
+
+
+def num_params(config: TransformerConfig, include_padding: bool = False) -> int:
+  """Parameter count (no biases anywhere).
+
+    embedding  V * D                 (+ V * D for an untied output head)
+    per layer  D * H * (N + 2K)      q, k, v projections
+               N * H * D             attention output
+               D * F * (1 + gated)   MLP in (and gate)
+               F * D                 MLP out
+               2 * D                 two RMSNorm scales
+    final      D                     final RMSNorm scale
+
+  V is the true vocabulary, or the padded one with `include_padding` (the
+  padded rows exist as arrays but are never used).
+  """
+  c = config
+  v = c.padded_vocab_size if include_padding else c.vocab_size
+  d, h, n, k, f = c.d_model, c.resolved_head_dim, c.num_heads, c.resolved_kv_heads, c.mlp_dim
+  per_layer = d * h * (n + 2 * k) + n * h * d + d * f * (2 if c.gated_mlp else 1) + f * d + 2 * d
+  embed = v * d * (1 if c.tie_embeddings else 2)
+  return embed + c.num_layers * per_layer + d
+
+
+def flops_per_token(config: TransformerConfig, seq_len: int) -> float:
+  """Training FLOPs per token (forward + backward), PaLM appendix B style.
+
+    6 * N_matmul + 12 * num_layers * num_heads * head_dim * seq_len
+
+  N_matmul counts the weights that take part in a matmul: the layers' q, k, v,
+  output and MLP matrices plus the output projection (D * padded V, computed
+  whether tied or not); the embedding lookup and norms are excluded. The second
+  term is the attention scores and weighted values (QK^T and AV, 2 FLOPs per
+  multiply-add, x3 for forward + backward), counted over the full sequence as
+  PaLM does (no causal halving). Rematerialisation is not counted (model FLOPs,
+  not hardware FLOPs), as MFU requires.
+  """
+  c = config
+  d, h, n, k, f = c.d_model, c.resolved_head_dim, c.num_heads, c.resolved_kv_heads, c.mlp_dim
+  per_layer = d * h * (n + 2 * k) + n * h * d + d * f * (2 if c.gated_mlp else 1) + f * d
+  n_matmul = c.num_layers * per_layer + d * c.padded_vocab_size
+  return 6.0 * n_matmul + 12.0 * c.num_layers * n * h * seq_len
+
+
+# ---------------------------------------------------------------------------
+# KV cache.
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  """Keys/values of every layer for `S` slots, written left to right.
+
+  All rows write the same slots (prompts of different lengths are left-padded
+  by the caller, with segment id 0 on the padding); a slot's segment id says
+  whom it belongs to, so a query attends only to written slots of its own
+  segment at or before its own slot.
+  """
+  k_YxBxSxKxH: jax.Array
+  v_YxBxSxKxH: jax.Array
+  segment_ids_BxS: jax.Array  # 0 = padding or not yet written
+  index: jax.Array  # int32 scalar: slots written so far (next write position)
+
+  @property
+  def length(self) -> int:
+    return self.segment_ids_BxS.shape[1]
+
+
+KV_CACHE_LOGICAL_AXES = KVCache(
+    k_YxBxSxKxH=('layers', 'batch', 'cache_length', 'heads', 'kv'),
+    v_YxBxSxKxH=('layers', 'batch', 'cache_length', 'heads', 'kv'),
+    segment_ids_BxS=('batch', 'cache_length'),
+    index=(),
+)
+
+
+def init_cache(config: TransformerConfig, batch_size: int, length: int | None = None,
+               dtype: str | None = None) -> KVCache:
+  """An empty cache of `length` slots (default config.max_len), compute dtype."""
+  c = config
+  length = c.max_len if length is None else length
+  shape = (c.num_layers, batch_size, length, c.resolved_kv_heads, c.resolved_head_dim)
+  dtype = jnp.dtype(dtype or c.dtype)
+  return KVCache(k_YxBxSxKxH=jnp.zeros(shape, dtype), v_YxBxSxKxH=jnp.zeros(shape, dtype),
+                 segment_ids_BxS=jnp.zeros((batch_size, length), jnp.int32),
+                 index=jnp.zeros((), jnp.int32))
+
+
+# ---------------------------------------------------------------------------
+# Layers.
+
+
+def _param(rngs: nnx.Rngs, stddev: float, shape: tuple[int, ...], names: tuple[str, ...],
+           dtype: jnp.dtype) -> nnx.Param:
+  """A normal(stddev) parameter carrying logical axis names as metadata only."""
+  value = nnx.initializers.normal(stddev)(rngs.params(), shape, dtype)
+  return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+  """x / rms(x) * scale, computed in float32."""
+
+  def __init__(self, config: TransformerConfig):
+    self.eps = config.norm_eps
+    self.scale = nnx.Param(jnp.ones((config.d_model,), config.param_dtype),
+                           out_sharding=('embed',), eager_sharding=False)
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    x = x_BxLxD.astype(jnp.float32)
+    y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)).astype(x_BxLxD.dtype)
+
+
+def apply_rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding (half-split convention), in float32."""
+  half = x_BxLxNxH.shape[-1] // 2
+  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle_BxLx1xh = positions_BxL.astype(jnp.float32)[:, :, None, None] * inv_freq
+  sin, cos = jnp.sin(angle_BxLx1xh), jnp.cos(angle_BxLx1xh)
+  x1, x2 = jnp.split(x_BxLxNxH.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxNxH.dtype)
+
+
+class Attention(nnx.Module):
+  """Causal (grouped-query) self-attention via jax.nn.dot_product_attention."""
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    c = config
+    self.config = c
+    d, n, k, h = c.d_model, c.num_heads, c.resolved_kv_heads, c.resolved_head_dim
+    out_std = 0.02 / math.sqrt(2 * c.num_layers)
+    self.q_DxNxH = _param(rngs, 0.02, (d, n, h), ('embed', 'heads', 'kv'), c.param_dtype)
+    self.k_DxKxH = _param(rngs, 0.02, (d, k, h), ('embed', 'heads', 'kv'), c.param_dtype)
+    self.v_DxKxH = _param(rngs, 0.02, (d, k, h), ('embed', 'heads', 'kv'), c.param_dtype)
+    self.o_NxHxD = _param(rngs, out_std, (n, h, d), ('heads', 'kv', 'embed'), c.param_dtype)
+
+  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, mask_Bx1xLxS: jax.Array,
+               kv: tuple[jax.Array, jax.Array] | None, index: jax.Array | None,
+               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """Returns the attention output and, with a cache `kv`, the updated (k, v)."""
+    c = self.config
+    dtype = x_BxLxD.dtype
+    q_BxLxNxH = jnp.einsum('BLD,DNH->BLNH', x_BxLxD, self.q_DxNxH[...].astype(dtype))
+    k_BxLxKxH = jnp.einsum('BLD,DKH->BLKH', x_BxLxD, self.k_DxKxH[...].astype(dtype))
+    v_BxLxKxH = jnp.einsum('BLD,DKH->BLKH', x_BxLxD, self.v_DxKxH[...].astype(dtype))
+    q_BxLxNxH = constrain(apply_rope(q_BxLxNxH, positions_BxL, c.rope_theta),
+                          ('batch', 'length', 'heads', 'kv'))
+    k_BxLxKxH = constrain(apply_rope(k_BxLxKxH, positions_BxL, c.rope_theta),
+                          ('batch', 'length', 'heads', 'kv'))
+    v_BxLxKxH = constrain(v_BxLxKxH, ('batch', 'length', 'heads', 'kv'))
+    if kv is None:
+      k_BxSxKxH, v_BxSxKxH = k_BxLxKxH, v_BxLxKxH
+    else:
+      names = ('batch', 'cache_length', 'heads', 'kv')
+      start = (0, index, 0, 0)
+      k_BxSxKxH = constrain(jax.lax.dynamic_update_slice(
+          kv[0], k_BxLxKxH.astype(kv[0].dtype), start), names)
+      v_BxSxKxH = constrain(jax.lax.dynamic_update_slice(
+          kv[1], v_BxLxKxH.astype(kv[1].dtype), start), names)
+      kv = (k_BxSxKxH, v_BxSxKxH)
+    out_BxLxNxH = jax.nn.dot_product_attention(
+        q_BxLxNxH, k_BxSxKxH.astype(dtype), v_BxSxKxH.astype(dtype), mask=mask_Bx1xLxS)
+    out_BxLxNxH = constrain(out_BxLxNxH, ('batch', 'length', 'heads', 'kv'))
+    y_BxLxD = jnp.einsum('BLNH,NHD->BLD', out_BxLxNxH, self.o_NxHxD[...].astype(dtype))
+    return y_BxLxD, kv
+
+
+class Mlp(nnx.Module):
+  """act(x W_i) [* x W_gate] W_o."""
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    c = config
+    self.activation = _ACTIVATIONS[c.mlp_activation]
+    out_std = 0.02 / math.sqrt(2 * c.num_layers)
+    self.wi_DxF = _param(rngs, 0.02, (c.d_model, c.mlp_dim), ('embed', 'mlp'), c.param_dtype)
+    self.wg_DxF = (_param(rngs, 0.02, (c.d_model, c.mlp_dim), ('embed', 'mlp'), c.param_dtype)
+                   if c.gated_mlp else None)
+    self.wo_FxD = _param(rngs, out_std, (c.mlp_dim, c.d_model), ('mlp', 'embed'), c.param_dtype)
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    dtype = x_BxLxD.dtype
+    h_BxLxF = self.activation(x_BxLxD @ self.wi_DxF[...].astype(dtype))
+    if self.wg_DxF is not None:
+      h_BxLxF = h_BxLxF * (x_BxLxD @ self.wg_DxF[...].astype(dtype))
+    h_BxLxF = constrain(h_BxLxF, ('batch', 'length', 'mlp'))
+    return h_BxLxF @ self.wo_FxD[...].astype(dtype)
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(config)
+    self.attn = Attention(config, rngs=rngs)
+    self.mlp_norm = RMSNorm(config)
+    self.mlp = Mlp(config, rngs=rngs)
+
+  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, mask_Bx1xLxS: jax.Array,
+               kv: tuple[jax.Array, jax.Array] | None, index: jax.Array | None,
+               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    y_BxLxD, kv = self.attn(self.attn_norm(x_BxLxD), positions_BxL, mask_Bx1xLxS, kv, index)
+    x_BxLxD = constrain(x_BxLxD + y_BxLxD, ('batch', 'length', 'embed'))
+    x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
+    return constrain(x_BxLxD, ('batch', 'length', 'embed')), kv
+
+
+def _attention_mask(q_slots_L: jax.Array, q_segment_ids_BxL: jax.Array,
+                    k_segment_ids_BxS: jax.Array) -> jax.Array:
+  """Causal in slot order and within one segment: [B, 1, L, S] booleans."""
+  s = k_segment_ids_BxS.shape[1]
+  causal_LxS = jnp.arange(s)[None, :] <= q_slots_L[:, None]
+  same_BxLxS = q_segment_ids_BxL[:, :, None] == k_segment_ids_BxS[:, None, :]
+  return (causal_LxS[None] & same_BxLxS)[:, None]
+
+
+class Transformer(nnx.Module):
+  """Decoder-only LM over token ids: logits over the padded vocabulary."""
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    c = config
+    self.config = c
+    vp, d = c.padded_vocab_size, c.d_model
+    self.embedding_VxD = _param(rngs, 0.02, (vp, d), ('vocab', 'embed'), c.param_dtype)
+
+    @nnx.split_rngs(splits=c.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
+    def make_blocks(rngs: nnx.Rngs) -> Block:
+      return Block(c, rngs=rngs)
+
+    self.blocks = make_blocks(rngs)
+    self.final_norm = RMSNorm(c)
+    self.head_DxV = (None if c.tie_embeddings
+                     else _param(rngs, 0.02, (d, vp), ('embed', 'vocab'), c.param_dtype))
+
+  def hidden(self, tokens_BxL: jax.Array, *, positions_BxL: jax.Array | None = None,
+             segment_ids_BxL: jax.Array | None = None, cache: KVCache | None = None,
+             ) -> jax.Array | tuple[jax.Array, KVCache]:
+    """Final-normed hidden states h_BxLxD (and the updated cache, given one).
+
+    Positions default to the slot index (arange(L), offset by the cache index);
+    packed inputs pass theirs. Segment ids default to 1 (0 marks padding); a
+    token attends only to earlier tokens of its own segment. With a cache the
+    L tokens are written at slots [index, index + L) and attend to the cache.
+    """
+    c = self.config
+    b, l = tokens_BxL.shape
+    index = jnp.zeros((), jnp.int32) if cache is None else cache.index
+    q_slots_L = index + jnp.arange(l, dtype=jnp.int32)
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(q_slots_L, (b, l))
+    if segment_ids_BxL is None:
+      segment_ids_BxL = jnp.ones((b, l), jnp.int32)
+    if cache is None:
+      k_segment_ids_BxS = segment_ids_BxL
+      kv = None
+    else:
+      k_segment_ids_BxS = jax.lax.dynamic_update_slice(
+          cache.segment_ids_BxS, segment_ids_BxL.astype(jnp.int32), (0, index))
+      kv = (cache.k_YxBxSxKxH, cache.v_YxBxSxKxH)
+    mask_Bx1xLxS = _attention_mask(q_slots_L, segment_ids_BxL, k_segment_ids_BxS)
+
+    dtype = jnp.dtype(c.dtype)
+    x_BxLxD = jnp.take(self.embedding_VxD[...].astype(dtype), tokens_BxL, axis=0)
+    x_BxLxD = constrain(x_BxLxD, ('batch', 'length', 'embed'))
+
+    def layer(block, x_BxLxD, kv):
+      return block(x_BxLxD, positions_BxL, mask_Bx1xLxS, kv, index)
+
+    if c.remat_policy != 'none':
+      layer = nnx.remat(layer, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=False)
+
+    @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+    def run_layers(block, x_BxLxD, kv):
+      return layer(block, x_BxLxD, kv)
+
+    x_BxLxD, kv = run_layers(self.blocks, x_BxLxD, kv)
+    h_BxLxD = self.final_norm(x_BxLxD)
+    if cache is None:
+      return h_BxLxD
+    return h_BxLxD, KVCache(k_YxBxSxKxH=kv[0], v_YxBxSxKxH=kv[1],
+                            segment_ids_BxS=k_segment_ids_BxS, index=index + l)
+
+  def logits(self, h_BxLxD: jax.Array) -> jax.Array:
+    """Float32 logits over the padded vocabulary; padded columns get PAD_LOGIT."""
+    c = self.config
+    dtype = h_BxLxD.dtype
+    if c.tie_embeddings:
+      logits_BxLxV = jnp.einsum('BLD,VD->BLV', h_BxLxD, self.embedding_VxD[...].astype(dtype),
+                                preferred_element_type=jnp.float32)
+    else:
+      logits_BxLxV = jnp.einsum('BLD,DV->BLV', h_BxLxD, self.head_DxV[...].astype(dtype),
+                                preferred_element_type=jnp.float32)
+    if c.padded_vocab_size > c.vocab_size:
+      real_V = jnp.arange(c.padded_vocab_size) < c.vocab_size
+      logits_BxLxV = jnp.where(real_V, logits_BxLxV, PAD_LOGIT)
+    return constrain(logits_BxLxV, ('batch', 'length', 'vocab'))
+
+  def __call__(self, tokens_BxL: jax.Array, *, positions_BxL: jax.Array | None = None,
+               segment_ids_BxL: jax.Array | None = None, cache: KVCache | None = None,
+               ) -> jax.Array | tuple[jax.Array, KVCache]:
+    """Logits_BxLxV (float32, padded vocab); with a cache, (logits, new cache)."""
+    out = self.hidden(tokens_BxL, positions_BxL=positions_BxL,
+                      segment_ids_BxL=segment_ids_BxL, cache=cache)
+    if cache is None:
+      return self.logits(out)
+    h_BxLxD, cache = out
+    return self.logits(h_BxLxD), cache

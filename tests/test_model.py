@@ -1,0 +1,202 @@
+"""Tests for pause_flax.model.transformer."""
+
+import dataclasses
+import pathlib
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from pause_flax import parallel
+from pause_flax.model import transformer as tfm
+
+TINY = tfm.model_config('tiny')
+LOGICAL = {'batch', 'length', 'embed', 'heads', 'kv', 'mlp', 'vocab', 'layers'}
+
+
+def _tokens(shape, seed=0, vocab=TINY.vocab_size):
+  return jax.random.randint(jax.random.key(seed), shape, 0, vocab)
+
+
+@pytest.fixture(scope='module')
+def model():
+  return tfm.Transformer(TINY, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope='module')
+def forward():
+  return nnx.jit(lambda m, t, **kw: m(t, **kw))
+
+
+def test_shapes_and_dtypes(model, forward):
+  logits = forward(model, _tokens((2, 8)))
+  assert logits.shape == (2, 8, TINY.padded_vocab_size)
+  assert TINY.padded_vocab_size % 128 == 0 and TINY.padded_vocab_size >= TINY.vocab_size
+  assert logits.dtype == jnp.float32
+  h = model.hidden(_tokens((2, 8)))
+  assert h.shape == (2, 8, TINY.d_model)
+
+  cfg = dataclasses.replace(TINY, dtype='bfloat16')
+  m16 = tfm.Transformer(cfg, rngs=nnx.Rngs(0))
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(m16, nnx.Param)))
+  assert m16.hidden(_tokens((2, 8))).dtype == jnp.bfloat16
+  assert m16(_tokens((2, 8))).dtype == jnp.float32
+
+
+def test_causal(model, forward):
+  tokens = _tokens((2, 10))
+  t = 6
+  changed = tokens.at[:, t].set((tokens[:, t] + 1) % TINY.vocab_size)
+  a, b = forward(model, tokens), forward(model, changed)
+  np.testing.assert_array_equal(a[:, :t], b[:, :t])
+  assert np.abs(a[:, t:] - b[:, t:]).max() > 1e-4
+
+
+def test_packing_matches_separate_rows(model, forward):
+  seg1, seg2 = _tokens((1, 3), seed=1), _tokens((1, 4), seed=2)
+  packed = jnp.concatenate([seg1, seg2, jnp.zeros((1, 1), jnp.int32)], axis=1)
+  segment_ids = jnp.array([[1, 1, 1, 2, 2, 2, 2, 0]])
+  positions = jnp.array([[0, 1, 2, 0, 1, 2, 3, 0]])
+  out = forward(model, packed, positions_BxL=positions, segment_ids_BxL=segment_ids)
+  np.testing.assert_allclose(out[:, :3], forward(model, seg1), atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(out[:, 3:7], forward(model, seg2), atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_query_attention_equals_repeated_kv_heads():
+  gqa_cfg = dataclasses.replace(TINY, num_kv_heads=2)
+  gqa = tfm.Transformer(gqa_cfg, rngs=nnx.Rngs(1))
+  assert gqa.blocks.attn.k_DxKxH.shape == (TINY.num_layers, TINY.d_model, 2, 16)
+  assert tfm.num_params(gqa_cfg) < tfm.num_params(TINY)
+  # The same weights with each k/v head repeated for its group of query heads.
+  pure = nnx.to_pure_dict(nnx.state(gqa))
+  for name in ('k_DxKxH', 'v_DxKxH'):
+    pure['blocks']['attn'][name] = jnp.repeat(pure['blocks']['attn'][name], 2, axis=2)
+  mha = tfm.Transformer(TINY, rngs=nnx.Rngs(2))
+  mha_state = nnx.state(mha)
+  nnx.replace_by_pure_dict(mha_state, pure)
+  nnx.update(mha, mha_state)
+  tokens = _tokens((2, 7))
+  np.testing.assert_allclose(gqa(tokens), mha(tokens), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('tie', [False, True])
+def test_padded_vocab_never_wins(tie):
+  cfg = dataclasses.replace(TINY, tie_embeddings=tie)
+  m = tfm.Transformer(cfg, rngs=nnx.Rngs(0))
+  if tie:
+    m.embedding_VxD[...] = m.embedding_VxD[...].at[cfg.vocab_size:].set(100.0)
+  else:
+    m.head_DxV[...] = m.head_DxV[...].at[:, cfg.vocab_size:].set(100.0)
+  logits = m(_tokens((2, 5)))
+  assert (jnp.argmax(logits, -1) < cfg.vocab_size).all()
+  assert (logits[..., cfg.vocab_size:] == tfm.PAD_LOGIT).all()
+  probs = jax.nn.softmax(logits, -1)
+  assert float(probs[..., cfg.vocab_size:].max()) == 0.0
+
+
+def test_tiny_param_count(model):
+  counted = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert counted == tfm.num_params(TINY, include_padding=True)
+  pad_rows = TINY.padded_vocab_size - TINY.vocab_size
+  assert tfm.num_params(TINY) == counted - 2 * pad_rows * TINY.d_model
+  tied = dataclasses.replace(TINY, tie_embeddings=True, gated_mlp=True)
+  m = tfm.Transformer(tied, rngs=nnx.Rngs(0))
+  counted = sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
+  assert counted == tfm.num_params(tied, include_padding=True)
+
+
+@pytest.mark.parametrize('name,paper', [('paper_130m', 136e6), ('paper_1b', 1.34e9)])
+def test_paper_param_counts_abstract(name, paper):
+  cfg = tfm.model_config(name)
+  abstract = nnx.eval_shape(lambda: tfm.Transformer(cfg, rngs=nnx.Rngs(0)))
+  counted = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+  assert counted == tfm.num_params(cfg, include_padding=True)
+  assert cfg.padded_vocab_size == cfg.vocab_size == 32000 and not cfg.tie_embeddings
+  assert abs(tfm.num_params(cfg) - paper) / paper < 0.03
+
+
+def test_flops_per_token_formula():
+  cfg = tfm.model_config('paper_1b')
+  d, v = cfg.d_model, cfg.padded_vocab_size
+  # Matmul weights = all params - embedding table - norm scales (the head stays).
+  n_matmul = (tfm.num_params(cfg, include_padding=True) - v * d
+              - (2 * cfg.num_layers + 1) * d)
+  attention = 12 * cfg.num_layers * cfg.num_heads * cfg.resolved_head_dim * 2048
+  assert tfm.flops_per_token(cfg, 2048) == 6 * n_matmul + attention
+
+
+def test_every_param_has_logical_names(model):
+  def check(path, var):
+    names = var.get_metadata().get('out_sharding')
+    assert names is not None and len(names) == var.ndim, (path, names, var.shape)
+    assert set(names) <= LOGICAL, (path, names)
+    assert (path[0] == 'blocks') == (names[0] == 'layers'), (path, names)
+
+  params = nnx.state(model, nnx.Param)
+  jax.tree.map_with_path(lambda p, v: check(tuple(k.key for k in p), v), params,
+                         is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def test_sharded_forward_matches_unsharded(model, forward):
+  mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
+  graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: tfm.Transformer(
+      TINY, rngs=nnx.Rngs(0))))
+  shardings = parallel.state_shardings(abstract_state, mesh)
+  state = jax.jit(lambda: nnx.state(tfm.Transformer(TINY, rngs=nnx.Rngs(0))),
+                  out_shardings=shardings)()
+  emb = state['embedding_VxD'][...]
+  assert emb.sharding.spec == jax.sharding.PartitionSpec('tensor', 'fsdp')
+  assert state['blocks']['mlp']['wi_DxF'][...].sharding.spec == \
+      jax.sharding.PartitionSpec(None, 'fsdp', 'tensor')
+
+  tokens = _tokens((4, 16))
+  tokens = jax.device_put(tokens, parallel.batch_sharding(mesh))
+
+  @jax.jit
+  def sharded_forward(state, tokens):
+    return nnx.merge(graphdef, state)(tokens)
+
+  with parallel.activation_sharding(mesh):
+    out = sharded_forward(state, tokens)
+  np.testing.assert_allclose(out, forward(model, tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_remat_policies_identical():
+  tokens = _tokens((2, 8))
+  results = {}
+  for policy in ('none', 'full', 'dots'):
+    m = tfm.Transformer(dataclasses.replace(TINY, remat_policy=policy), rngs=nnx.Rngs(3))
+    loss, grads = nnx.value_and_grad(lambda m: jnp.mean(m(tokens)[..., :TINY.vocab_size]))(m)
+    results[policy] = (loss, grads)
+  for policy in ('full', 'dots'):
+    np.testing.assert_allclose(results[policy][0], results['none'][0], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5),
+                 results[policy][1], results['none'][1])
+
+
+def test_bad_config_fails_clearly():
+  with pytest.raises(ValueError, match='num_kv_heads'):
+    dataclasses.replace(TINY, num_kv_heads=3)
+  with pytest.raises(ValueError, match='remat_policy'):
+    dataclasses.replace(TINY, remat_policy='some')
+  with pytest.raises(ValueError, match='Unknown model config'):
+    tfm.model_config('paper_7b')
+
+
+@pytest.mark.parametrize('name', ['tiny', 'paper_130m', 'paper_1b', 'bench_4l'])
+def test_model_gin_files(name):
+  path = pathlib.Path(__file__).parents[1] / 'gin_configs' / 'models' / f'{name}.gin'
+  gin.clear_config()
+  try:
+    gin.parse_config_file(str(path))
+    cfg = tfm.model_config()
+  finally:
+    gin.clear_config()
+  assert cfg == tfm.model_config(name)
+  if name == 'bench_4l':
+    assert (cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.resolved_head_dim, cfg.mlp_dim,
+            cfg.mlp_activation, cfg.gated_mlp, cfg.tie_embeddings, cfg.vocab_size) == \
+        (4, 256, 4, 64, 1024, 'silu', True, False, 32000)
