@@ -1,0 +1,239 @@
+"""seqio preprocessors: T5-style LM steps and pause injection / appending.
+
+All are plain `tf.data.Dataset -> tf.data.Dataset` functions that anyone can
+put in their own seqio Task (bind arguments with `functools.partial`; seqio
+passes `sequence_length` and `output_features` itself). The random one,
+`inject_pauses`, draws its randomness from seqio's per-example seeds
+(`seqio.map_over_dataset(num_seeds=1)` with stateless TF ops), so the same
+Task seed gives the same pauses, and a run resumed at example n sees exactly
+the data it would have seen.
+
+A pretraining Task looks like
+
+  preprocessors=[
+      functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
+      seqio.preprocessors.tokenize,
+      seqio.preprocessors.append_eos,   # EOS after each document
+      reduce_concat_tokens,             # one long stream of tokens ...
+      split_tokens_to_targets_length,   # ... cut into length-L chunks
+      inject_pauses,                    # the pause variant adds this
+  ]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import seqio
+import tensorflow as tf
+
+from pause_flax.vocab import PauseVocabulary
+
+_AUTOTUNE = tf.data.AUTOTUNE
+
+
+@seqio.map_over_dataset
+def lm(x: Mapping[str, tf.Tensor], text_key: str = "text") -> dict[str, tf.Tensor]:
+  """Language modelling: the document's text becomes 'targets'."""
+  return {"targets": x[text_key]}
+
+
+def reduce_concat_tokens(dataset: tf.data.Dataset,
+                         feature_key: str = "targets",
+                         batch_size: int = 128) -> tf.data.Dataset:
+  """Concatenates the `feature_key` tokens of up to `batch_size` examples.
+
+  Like T5's `reduce_concat_tokens`, but through a ragged batch, so token id 0
+  inside a document survives. Other features are dropped. Append EOS before
+  this step (seqio.preprocessors.append_eos) to keep documents apart.
+  """
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size!r} must be a positive integer.")
+  dataset = dataset.map(lambda x: x[feature_key], num_parallel_calls=_AUTOTUNE)
+  dataset = dataset.ragged_batch(batch_size)
+  return dataset.map(lambda t: {feature_key: t.flat_values},
+                     num_parallel_calls=_AUTOTUNE)
+
+
+def split_tokens(dataset: tf.data.Dataset,
+                 max_tokens_per_segment: int,
+                 feature_key: str = "targets") -> tf.data.Dataset:
+  """Splits `feature_key` into consecutive chunks of `max_tokens_per_segment`.
+
+  The last chunk of each example keeps the remainder (it is shorter, never
+  padded); other features are dropped.
+  """
+  if (isinstance(max_tokens_per_segment, bool) or
+      not isinstance(max_tokens_per_segment, int) or
+      max_tokens_per_segment < 1):
+    raise ValueError(
+        f"max_tokens_per_segment={max_tokens_per_segment!r} must be a positive "
+        "integer.")
+
+  def _split(x):
+    tokens = x[feature_key]
+    n = tf.size(tokens)
+    full, rest = n // max_tokens_per_segment, n % max_tokens_per_segment
+    row_lengths = tf.concat(
+        [tf.fill([full], max_tokens_per_segment),
+         tf.reshape(rest, [1])[:tf.minimum(rest, 1)]], axis=0)
+    return tf.RaggedTensor.from_row_lengths(tokens, row_lengths)
+
+  dataset = dataset.map(_split, num_parallel_calls=_AUTOTUNE).unbatch()
+  return dataset.map(lambda t: {feature_key: t}, num_parallel_calls=_AUTOTUNE)
+
+
+def split_tokens_to_targets_length(
+    dataset: tf.data.Dataset,
+    sequence_length: Mapping[str, int] | None) -> tf.data.Dataset:
+  """`split_tokens` into chunks of the Task's 'targets' length."""
+  length = (sequence_length or {}).get("targets")
+  if length is None:
+    raise ValueError(
+        f"split_tokens_to_targets_length needs sequence_length['targets'], got "
+        f"sequence_length={sequence_length!r}; pass e.g. {{'targets': 2048}} to "
+        "get_dataset.")
+  return split_tokens(dataset, length, "targets")
+
+
+def _resolve_pause_id(pause_id: int | None,
+                      output_features: Mapping[str, seqio.Feature] | None,
+                      feature_key: str, caller: str) -> int:
+  if pause_id is not None:
+    return pause_id
+  vocab = getattr((output_features or {}).get(feature_key), "vocabulary", None)
+  if not isinstance(vocab, PauseVocabulary):
+    raise ValueError(
+        f"{caller}: feature {feature_key!r} has vocabulary {vocab}, not a "
+        "PauseVocabulary; wrap it (pause_flax.vocab.PauseVocabulary) or pass "
+        "pause_id explicitly.")
+  return vocab.pause_id
+
+
+def _check_count(name: str, value) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    raise ValueError(f"{name}={value!r} is invalid: use an integer >= 0.")
+
+
+def inject_pauses(dataset: tf.data.Dataset,
+                  output_features: Mapping[str, seqio.Feature] | None = None,
+                  sequence_length: Mapping[str, int] | None = None,
+                  *,
+                  fraction: float | None = 0.1,
+                  num_pauses: int | None = None,
+                  pause_id: int | None = None,
+                  feature_key: str = "targets") -> tf.data.Dataset:
+  """Inserts pauses at uniformly random positions, keeping the length.
+
+  For an example whose `feature_key` has length L, M pauses are inserted at
+  M distinct positions drawn uniformly among the L + M slots of the
+  lengthened sequence; the real tokens fill the other slots in order, and the
+  result is trimmed back to L (the tail is cut), as in Goyal et al. (2024).
+  About M * L / (L + M) pauses survive on average, each slot equally likely.
+
+  L is the example's own length (a shorter last chunk gets proportionally
+  fewer pauses), after trimming to `sequence_length[feature_key]` when seqio
+  passes one, so that L is what the model sees.
+
+  Args:
+    dataset: examples with an int32 rank-1 `feature_key`.
+    output_features: supplied by seqio; used to find the pause id when
+      `pause_id` is None.
+    sequence_length: supplied by seqio; trims `feature_key` first.
+    fraction: M = round(fraction * L), rounding half to even; in [0, 1).
+    num_pauses: a fixed M instead of `fraction` (set `fraction=None` or leave
+      it; `num_pauses` wins).
+    pause_id: the id inserted; default: the feature's PauseVocabulary's.
+      Pass an ordinary token id for a filler-token control.
+    feature_key: the feature to lengthen and trim.
+
+  Returns:
+    The dataset with pauses in `feature_key`; other features untouched.
+  """
+  if num_pauses is not None:
+    _check_count("num_pauses", num_pauses)
+  elif fraction is None or not 0 <= fraction < 1:
+    raise ValueError(
+        f"fraction={fraction!r} is invalid: use a number in [0, 1) (the paper "
+        "uses 0.1), or set num_pauses.")
+  pause_id = _resolve_pause_id(pause_id, output_features, feature_key,
+                               "inject_pauses")
+  max_length = (sequence_length or {}).get(feature_key)
+
+  @seqio.map_over_dataset(num_seeds=1)
+  def _inject(x, seed):
+    tokens = x[feature_key]
+    if max_length is not None:
+      tokens = tokens[:max_length]
+    length = tf.size(tokens)
+    if num_pauses is not None:
+      m = tf.constant(num_pauses, tf.int32)
+    else:
+      m = tf.cast(tf.round(fraction * tf.cast(length, tf.float64)), tf.int32)
+    # The M pause slots: the M largest of L + M iid uniform scores, i.e. a
+    # uniformly random M-subset. Only the first L slots are kept.
+    scores = tf.random.stateless_uniform([length + m], seed=seed)
+    _, slots = tf.math.top_k(scores, k=m, sorted=False)
+    is_pause = tf.scatter_nd(slots[:, None], tf.ones_like(slots, tf.bool),
+                             [length + m])[:length]
+    # Real token i goes to the (i+1)-th non-pause slot.
+    source = tf.cumsum(tf.cast(~is_pause, tf.int32), exclusive=True)
+    out = tf.where(is_pause, tf.cast(pause_id, tokens.dtype),
+                   tf.gather(tokens, source))
+    return {**x, feature_key: out}
+
+  return _inject(dataset)
+
+
+def append_pauses(dataset: tf.data.Dataset,
+                  output_features: Mapping[str, seqio.Feature] | None = None,
+                  sequence_length: Mapping[str, int] | None = None,
+                  *,
+                  num_pauses: int = 10,
+                  pause_id: int | None = None,
+                  feature_key: str = "inputs",
+                  truncate: str = "left") -> tf.data.Dataset:
+  """Appends `num_pauses` pauses to `feature_key` (the finetuning prefix).
+
+  When seqio passes a length L = `sequence_length[feature_key]`, the prefix is
+  first cut to L - M tokens so that the M pauses survive the Task's own
+  trimming to L. `truncate='left'` (the default) drops the oldest tokens and
+  keeps the end of the prefix, next to the answer; 'right' keeps the start.
+  M = 0 returns the dataset unchanged.
+
+  Args:
+    dataset: examples with an int32 rank-1 `feature_key`.
+    output_features: supplied by seqio; used to find the pause id.
+    sequence_length: supplied by seqio; L for `feature_key` (None: no cut).
+    num_pauses: M >= 0; M must be below L.
+    pause_id: the id appended; default: the feature's PauseVocabulary's. Pass
+      an ordinary token id for a filler-token control.
+    feature_key: the prefix feature.
+    truncate: 'left' or 'right', the side the prefix loses tokens from.
+  """
+  _check_count("num_pauses", num_pauses)
+  if truncate not in ("left", "right"):
+    raise ValueError(
+        f"truncate={truncate!r} is invalid: use 'left' (keep the end of the "
+        "prefix) or 'right' (keep its start).")
+  if num_pauses == 0:
+    return dataset
+  pause_id = _resolve_pause_id(pause_id, output_features, feature_key,
+                               "append_pauses")
+  max_length = (sequence_length or {}).get(feature_key)
+  if max_length is not None and num_pauses >= max_length:
+    raise ValueError(
+        f"num_pauses={num_pauses} leaves no room for the prefix in "
+        f"{feature_key!r} of length {max_length}: use num_pauses < {max_length} "
+        f"or a longer sequence_length[{feature_key!r}].")
+  keep = None if max_length is None else max_length - num_pauses
+
+  @seqio.map_over_dataset
+  def _append(x):
+    prefix = x[feature_key]
+    if keep is not None:
+      prefix = prefix[-keep:] if truncate == "left" else prefix[:keep]
+    pauses = tf.fill([num_pauses], tf.cast(pause_id, prefix.dtype))
+    return {**x, feature_key: tf.concat([prefix, pauses], axis=0)}
+
+  return _append(dataset)

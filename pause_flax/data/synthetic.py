@@ -1,0 +1,161 @@
+"""An offline, seeded, procedurally generated corpus and downstream tasks.
+
+Nothing is downloaded or written: every example is a pure function of
+(task, split, index), generated in Python and served through
+seqio.FunctionDataSource. The downstream tasks are ones where a small,
+depth-limited decoder could use extra parallel computation before answering
+(the setting where pause tokens help):
+
+  addition      '4821+3907='             -> '8728'   (carries)
+  digit_sum     'sum%10 83194027='        -> '4'      (a long reduction)
+  pointer       'ptr b>d a>c d>a c>b a*3=' -> 'a'     (follow 3 pointers)
+
+The pretraining corpus mixes filler prose with problems of all three formats,
+written with their answers, so that pretraining teaches the formats.
+Registration lives in pause_flax.data.tasks.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import string
+from collections.abc import Callable, Mapping, Sequence
+
+import tensorflow as tf
+
+# Examples per split: fixed, so splits are identical on every machine.
+LM_SPLIT_SIZES = {"train": 4096, "validation": 256}
+DOWNSTREAM_SPLIT_SIZES = {"train": 4096, "validation": 512}
+
+_WORDS = (
+    "the a model token pause think before answer number digit sum carry "
+    "step reads writes layer attention each then after every small large "
+    "question problem result simple careful patient slowly quickly many few "
+    "one two three computes counts follows pointer chain list value"
+).split()
+
+
+def _rng(*key: object) -> random.Random:
+  # A str seed is hashed with SHA-512: identical on every machine and run.
+  return random.Random("pause_flax.synthetic/" + "/".join(map(str, key)))
+
+
+def _addition(rng: random.Random) -> tuple[str, str]:
+  a, b = (rng.randrange(10 ** (d - 1), 10 ** d)
+          for d in (rng.randint(3, 6), rng.randint(3, 6)))
+  return f"{a}+{b}=", str(a + b)
+
+
+def _digit_sum(rng: random.Random) -> tuple[str, str]:
+  digits = "".join(rng.choice(string.digits) for _ in range(rng.randint(8, 16)))
+  return f"sum%10 {digits}=", str(sum(map(int, digits)) % 10)
+
+
+def _pointer(rng: random.Random) -> tuple[str, str]:
+  nodes = rng.sample(string.ascii_lowercase, rng.randint(4, 8))
+  succ = dict(zip(nodes, nodes[1:] + nodes[:1]))  # one cycle over all nodes
+  edges = [f"{k}>{v}" for k, v in succ.items()]
+  rng.shuffle(edges)
+  start, steps = rng.choice(nodes), rng.randint(1, 4)
+  node = start
+  for _ in range(steps):
+    node = succ[node]
+  return f"ptr {' '.join(edges)} {start}*{steps}=", node
+
+
+# name -> generator of one (inputs, targets) pair.
+DOWNSTREAM_GENERATORS: Mapping[str, Callable[[random.Random], tuple[str, str]]] = {
+    "addition": _addition,
+    "digit_sum": _digit_sum,
+    "pointer": _pointer,
+}
+
+
+def _prose(rng: random.Random) -> str:
+  words = [rng.choice(_WORDS) for _ in range(rng.randint(6, 14))]
+  return " ".join(words).capitalize() + "."
+
+
+def lm_document(split: str, index: int) -> str:
+  """Pretraining document `index` of `split`: prose and solved problems."""
+  rng = _rng("lm", split, index)
+  parts = []
+  for _ in range(rng.randint(4, 10)):
+    if rng.random() < 0.4:
+      parts.append(_prose(rng))
+    else:
+      gen = DOWNSTREAM_GENERATORS[rng.choice(sorted(DOWNSTREAM_GENERATORS))]
+      inputs, targets = gen(rng)
+      parts.append(inputs + targets)
+  return "\n".join(parts)
+
+
+def downstream_example(task: str, split: str, index: int) -> tuple[str, str]:
+  """(inputs, targets) of example `index` of a downstream task's `split`."""
+  if task not in DOWNSTREAM_GENERATORS:
+    raise ValueError(
+        f"Unknown synthetic task {task!r}; choose one of "
+        f"{sorted(DOWNSTREAM_GENERATORS)}.")
+  return DOWNSTREAM_GENERATORS[task](_rng("task", task, split, index))
+
+
+def _check_split(split: str, sizes: Mapping[str, int]) -> int:
+  if split not in sizes:
+    raise ValueError(f"Unknown split {split!r}; choose one of {sorted(sizes)}.")
+  return sizes[split]
+
+
+@functools.lru_cache(maxsize=None)
+def _lm_texts(split: str) -> tuple[str, ...]:
+  n = _check_split(split, LM_SPLIT_SIZES)
+  return tuple(lm_document(split, i) for i in range(n))
+
+
+@functools.lru_cache(maxsize=None)
+def _downstream_pairs(task: str, split: str) -> tuple[tuple[str, ...], ...]:
+  n = _check_split(split, DOWNSTREAM_SPLIT_SIZES)
+  pairs = [downstream_example(task, split, i) for i in range(n)]
+  return tuple(zip(*pairs))
+
+
+def lm_dataset_fn(split: str, shuffle_files: bool = False,
+                  seed: int | None = None) -> tf.data.Dataset:
+  """{'text'} documents of the pretraining corpus, always in index order.
+
+  The data are in memory, so there are no files to shuffle: the Task's
+  shuffle buffer does the shuffling, seeded by `seed` there.
+  """
+  del shuffle_files, seed
+  return tf.data.Dataset.from_tensor_slices({"text": list(_lm_texts(split))})
+
+
+def downstream_dataset_fn(task: str, split: str, shuffle_files: bool = False,
+                          seed: int | None = None) -> tf.data.Dataset:
+  """{'inputs', 'targets'} strings of a downstream task, in index order."""
+  del shuffle_files, seed
+  inputs, targets = _downstream_pairs(task, split)
+  return tf.data.Dataset.from_tensor_slices(
+      {"inputs": list(inputs), "targets": list(targets)})
+
+
+def postprocess_answer(output: str | bytes, example: Mapping | None = None,
+                       is_target: bool = False) -> str:
+  """Decoded model output (or target) -> the answer string, stripped."""
+  del example, is_target
+  if isinstance(output, bytes):
+    output = output.decode("utf-8", errors="replace")
+  return output.strip()
+
+
+def exact_match(targets: Sequence[str],
+                predictions: Sequence[str]) -> dict[str, float]:
+  """Percentage of predictions equal to their target (seqio metric_fn)."""
+  if len(targets) != len(predictions):
+    raise ValueError(
+        f"exact_match got {len(targets)} targets but {len(predictions)} "
+        "predictions; they must pair up.")
+  if not targets:
+    return {"exact_match": 0.0}
+  hits = sum(t == p for t, p in zip(targets, predictions))
+  return {"exact_match": 100.0 * hits / len(targets)}
