@@ -27,6 +27,8 @@ setuptools.setup(
         "absl-py>=1.4,<3",
         "numpy>=1.26,<3",
         "matplotlib>=3.8,<4",
+        "clu>=0.0.11,<0.1",
+        "tensorboard>=2.16,<2.23",
     ],
     extras_require={
         "test": [

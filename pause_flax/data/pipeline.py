@@ -1,0 +1,142 @@
+"""Per-host seqio shards -> batched numpy -> global jax.Arrays.
+
+Each process reads only its own shard of a Task or Mixture
+(`seqio.ShardInfo(process_index, process_count)`), batches
+`global_batch // process_count` examples, and the trainer turns every local
+batch into one global array per feature with
+`jax.make_array_from_process_local_data`. Nothing is replicated.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator, Mapping
+
+import jax
+import numpy as np
+
+# TensorFlow must not claim accelerator memory: hide GPUs from it before use.
+import tensorflow as tf  # pylint: disable=g-import-not-at-top
+tf.config.set_visible_devices([], "GPU")
+
+import seqio  # noqa: E402
+
+from pause_flax.data import tasks as tasks_lib  # noqa: E402  (registers tasks)
+
+MODEL_FEATURES = ("decoder_input_tokens", "decoder_target_tokens",
+                  "decoder_loss_weights", "decoder_segment_ids",
+                  "decoder_positions")
+
+
+def registered_names() -> list[str]:
+  return sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
+
+
+def check_task_name(name: str) -> None:
+  """Raises a one-line error naming close matches for an unknown task."""
+  names = registered_names()
+  if name in names:
+    return
+  close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+  hint = f" Did you mean: {', '.join(close)}?" if close else (
+      f" Registered: {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}.")
+  raise ValueError(f"MIXTURE_OR_TASK_NAME={name!r} is not a registered seqio Task or "
+                   f"Mixture.{hint}")
+
+
+def task_features(name: str) -> tuple[str, ...]:
+  """Output feature names of a Task or Mixture ('inputs', 'targets', ...)."""
+  provider = seqio.get_mixture_or_task(name)
+  return tuple(provider.output_features)
+
+
+def check_feature_lengths(name: str, feature_lengths: Mapping[str, int],
+                          max_len: int | None = None) -> int:
+  """Validates TASK_FEATURE_LENGTHS against the task; returns the model length."""
+  features = task_features(name)
+  missing = [f for f in features if f not in feature_lengths]
+  extra = [f for f in feature_lengths if f not in features]
+  if missing or extra:
+    raise ValueError(
+        f"TASK_FEATURE_LENGTHS={dict(feature_lengths)} does not match the features of "
+        f"{name!r}, which are {list(features)}: give exactly one length per feature.")
+  for key, value in feature_lengths.items():
+    if not isinstance(value, int) or value <= 0:
+      raise ValueError(f"TASK_FEATURE_LENGTHS[{key!r}]={value!r} must be a positive int.")
+  total = sum(feature_lengths.values())
+  if max_len is not None and total > max_len:
+    raise ValueError(
+        f"TASK_FEATURE_LENGTHS={dict(feature_lengths)} gives sequences of {total} tokens, "
+        f"longer than the model's max_len={max_len}; shorten the features or raise max_len.")
+  return total
+
+
+def get_dataset(name: str, feature_lengths: Mapping[str, int], global_batch_size: int, *,
+                split: str = "train", shuffle: bool = True, seed: int | None = 0,
+                pack: bool = False, num_epochs: int | None = None,
+                use_cached: bool = False,
+                shard_index: int | None = None, num_shards: int | None = None,
+                ) -> tf.data.Dataset:
+  """This process's batched tf.data pipeline of model features.
+
+  `num_epochs=None` repeats forever (training); pass 1 for evaluation.
+  """
+  check_task_name(name)
+  num_shards = jax.process_count() if num_shards is None else num_shards
+  shard_index = jax.process_index() if shard_index is None else shard_index
+  if global_batch_size % num_shards:
+    raise ValueError(
+        f"BATCH_SIZE={global_batch_size} is not divisible by the {num_shards} processes; "
+        f"use a multiple of {num_shards}.")
+  converter = tasks_lib.get_feature_converter(name, pack=pack)
+  ds = seqio.get_dataset(
+      name, task_feature_lengths=dict(feature_lengths), dataset_split=split,
+      shuffle=shuffle, num_epochs=num_epochs, feature_converter=converter,
+      shard_info=seqio.ShardInfo(index=shard_index, num_shards=num_shards),
+      use_cached=use_cached, seed=seed)
+  keep = [k for k in MODEL_FEATURES if k in ds.element_spec]
+  ds = ds.map(lambda ex: {k: ex[k] for k in keep}, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(global_batch_size // num_shards, drop_remainder=num_epochs is None)
+  return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def as_numpy(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
+  for batch in ds.as_numpy_iterator():
+    yield batch
+
+
+def to_global(batch: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding,
+              global_batch_size: int) -> dict[str, jax.Array]:
+  """One global array per feature from this process's rows."""
+  out = {}
+  for key, local in batch.items():
+    global_shape = (global_batch_size,) + tuple(local.shape[1:])
+    out[key] = jax.make_array_from_process_local_data(sharding, np.asarray(local),
+                                                      global_shape)
+  return out
+
+
+class CheckpointableIterator:
+  """A tf.data iterator of numpy batches whose position can be saved.
+
+  The state (shuffle buffers, file offsets, the repeat count) is written with
+  `tf.train.Checkpoint`, one file set per process, so that a resumed run
+  continues on exactly the batches it would have seen.
+  """
+
+  def __init__(self, ds: tf.data.Dataset):
+    self._iterator = iter(ds)
+    self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self._iterator)
+    return {k: v.numpy() for k, v in batch.items()}
+
+  def save(self, prefix: str) -> None:
+    self._checkpoint.write(prefix)
+
+  def restore(self, prefix: str) -> None:
+    self._checkpoint.read(prefix).assert_consumed()

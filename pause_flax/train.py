@@ -1,0 +1,78 @@
+r"""Pretraining / finetuning entry point, in T5X's style.
+
+  python -m pause_flax.train \
+    --gin_file=gin_configs/local/smoke_pause.gin \
+    --gin.MODEL_DIR="'/tmp/pause_smoke'" --gin.TRAIN_STEPS=200
+
+Every `--gin.KEY=VALUE` becomes the gin binding `KEY = VALUE`. The operative
+gin config, TensorBoard events and metrics.jsonl are written to MODEL_DIR.
+Multi-process runs off TPU take --coordinator_address, --num_processes and
+--process_id (or the PAUSE_FLAX_* environment variables); TPU VMs need none.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from absl import flags
+import gin
+import jax
+
+from pause_flax import gin_utils
+from pause_flax import parallel
+from pause_flax.model import transformer as _transformer  # registers model_config
+from pause_flax.training import loop
+from pause_flax.training import optimizer as optimizer_lib
+
+FLAGS = flags.FLAGS
+gin_utils.define_gin_flags()
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0 for multi-process runs off TPU "
+                    "(env PAUSE_FLAX_COORDINATOR).")
+flags.DEFINE_integer("num_processes", None,
+                     "Processes in a multi-process run (env PAUSE_FLAX_NUM_PROCESSES).")
+flags.DEFINE_integer("process_id", None,
+                     "This process's index (env PAUSE_FLAX_PROCESS_ID).")
+
+# gin edges: the library functions stay plain Python.
+train = gin.external_configurable(loop.train, "train")
+make_mesh = gin.external_configurable(parallel.make_mesh, "make_mesh")
+make_optimizer = gin.external_configurable(optimizer_lib.make_optimizer, "make_optimizer")
+del _transformer
+
+
+def initialize_distributed() -> None:
+  """jax.distributed from flags or env; on TPU VMs autodetected."""
+  address = FLAGS.coordinator_address or os.environ.get("PAUSE_FLAX_COORDINATOR")
+  num = FLAGS.num_processes or os.environ.get("PAUSE_FLAX_NUM_PROCESSES")
+  pid = FLAGS.process_id
+  if pid is None and os.environ.get("PAUSE_FLAX_PROCESS_ID") is not None:
+    pid = int(os.environ["PAUSE_FLAX_PROCESS_ID"])
+  if address or num:
+    if not (address and num and pid is not None):
+      raise ValueError(
+          "A multi-process run needs --coordinator_address, --num_processes and "
+          f"--process_id together; got {address!r}, {num!r}, {pid!r}.")
+    jax.distributed.initialize(coordinator_address=address, num_processes=int(num),
+                               process_id=int(pid))
+  elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID"):
+    jax.distributed.initialize()
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise flags.Error(f"Unexpected arguments: {argv[1:]}")
+  initialize_distributed()
+  gin_utils.parse_gin_flags()
+  train(mesh=make_mesh(), optimizer=lambda schedule: make_optimizer(schedule),
+        config_str=gin.operative_config_str)
+
+
+def console_main() -> None:
+  """Console-script entry (pause-flax-train)."""
+  gin_utils.run(main)
+
+
+if __name__ == "__main__":
+  console_main()

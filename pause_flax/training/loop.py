@@ -1,0 +1,173 @@
+"""The training loop: data -> sharded steps -> metrics (and checkpoints).
+
+Plain Python arguments; `pause_flax.train` binds them with gin.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Mapping, Sequence
+
+from absl import logging
+import jax
+import numpy as np
+
+from pause_flax import parallel
+from pause_flax.model import transformer as transformer_lib
+from pause_flax.training import metrics as metrics_lib
+from pause_flax.training import optimizer as optimizer_lib
+from pause_flax.training import trainer as trainer_lib
+
+
+def _validate_run(model_dir: str | None, batch_size: int, train_steps: int,
+                  accum_steps: int, log_every: int, mesh: jax.sharding.Mesh,
+                  rules: parallel.LogicalRules) -> None:
+  """Checks that fail before any compile or data read, each naming the fix."""
+  if not model_dir:
+    raise ValueError("MODEL_DIR is not set: pass --gin.MODEL_DIR=\"'/path/to/run'\".")
+  if not isinstance(train_steps, int) or train_steps < 1:
+    raise ValueError(f"TRAIN_STEPS={train_steps!r} must be a positive integer.")
+  if not isinstance(batch_size, int) or batch_size < 1:
+    raise ValueError(f"BATCH_SIZE={batch_size!r} must be a positive integer.")
+  dp = parallel.data_parallel_size(mesh, rules)
+  if batch_size % dp:
+    raise ValueError(
+        f"BATCH_SIZE={batch_size} is not divisible by the data-parallel size {dp} "
+        f"(mesh {dict(mesh.shape)}): use a multiple of {dp}.")
+  if batch_size % jax.process_count():
+    raise ValueError(
+        f"BATCH_SIZE={batch_size} is not divisible by the {jax.process_count()} processes.")
+  if accum_steps < 1 or batch_size % accum_steps or (batch_size // accum_steps) % dp:
+    raise ValueError(
+        f"ACCUM_STEPS={accum_steps} must be >= 1 and split BATCH_SIZE={batch_size} into "
+        f"micro-batches that are themselves multiples of the data-parallel size {dp}.")
+  if log_every < 1:
+    raise ValueError(f"log_every={log_every} must be >= 1.")
+
+
+def train(*, model_dir: str,
+          mixture_or_task_name: str,
+          task_feature_lengths: Mapping[str, int],
+          train_steps: int,
+          batch_size: int,
+          model_config: transformer_lib.TransformerConfig,
+          pause_fraction: float = 0.0,
+          num_pauses: int = 0,
+          pack: bool = False,
+          learning_rate: float = 1e-3,
+          warmup_steps: int = 0,
+          decay: str = "cosine",
+          end_learning_rate_fraction: float = 0.1,
+          accum_steps: int = 1,
+          z_loss: float = 0.0,
+          seed: int = 0,
+          data_seed: int = 0,
+          log_every: int = 10,
+          mesh: jax.sharding.Mesh | None = None,
+          rules: parallel.LogicalRules = parallel.DEFAULT_RULES,
+          peak_flops: float | None = None,
+          optimizer=None,
+          config_str=None,
+          extra_metrics_hook=None) -> list[dict]:
+  """Trains a model on a Task or Mixture; returns the logged metric rows.
+
+  `pause_fraction > 0` trains on the pretraining-form pause variant of the
+  task (pauses injected, 10% is the paper's choice); `num_pauses > 0` on the
+  finetuning form (M pauses appended to the prefix). `optimizer` maps a
+  schedule to an optax transformation (default: `make_optimizer`);
+  `config_str()` returns the text written to MODEL_DIR/config.gin.
+  """
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  _validate_run(model_dir, batch_size, train_steps, accum_steps, log_every, mesh, rules)
+
+  from pause_flax.data import pipeline  # seqio/TF: only once a run starts
+  from pause_flax.data import tasks as tasks_lib
+
+  pipeline.check_task_name(mixture_or_task_name)
+  if pause_fraction and num_pauses:
+    raise ValueError(f"Set PAUSE_FRACTION ({pause_fraction}) for pretraining or NUM_PAUSES "
+                     f"({num_pauses}) for finetuning, not both.")
+  task_name = mixture_or_task_name
+  if pause_fraction:
+    task_name = tasks_lib.pause_variant(task_name, fraction=pause_fraction, form="pretrain")
+  elif num_pauses:
+    task_name = tasks_lib.pause_variant(task_name, num_pauses=num_pauses, form="finetune")
+  seq_len = pipeline.check_feature_lengths(task_name, task_feature_lengths,
+                                           model_config.max_len)
+  vocab = tasks_lib.get_vocabulary(task_name)
+  if model_config.vocab_size != vocab.vocab_size:
+    # The model's vocabulary is the task's (pause id included).
+    model_config = dataclasses.replace(model_config, vocab_size=vocab.vocab_size)
+  pause_id = getattr(vocab, "pause_id", None)
+
+  schedule = optimizer_lib.make_schedule(learning_rate, train_steps, warmup_steps, decay,
+                           end_learning_rate_fraction)
+  tx = optimizer(schedule) if optimizer is not None else optimizer_lib.make_optimizer(schedule)
+  trainer = trainer_lib.Trainer(
+      model_config, tx, mesh, rules=rules, schedule=schedule,
+      options=trainer_lib.StepOptions(accum_steps=accum_steps, z_loss=z_loss,
+                                      pause_id=pause_id))
+
+  if jax.process_index() == 0:
+    tf_gfile_makedirs(model_dir)
+    if config_str is not None:
+      with open_for_write(os.path.join(model_dir, "config.gin")) as f:
+        f.write(config_str())
+
+  ds = pipeline.get_dataset(task_name, task_feature_lengths, batch_size, seed=data_seed,
+                            shuffle=True, pack=pack)
+  data_iter = pipeline.CheckpointableIterator(ds)
+  logger = metrics_lib.MetricsLogger(model_dir, total_steps=train_steps)
+  flops_per_step = trainer.flops_per_step(batch_size, seq_len)
+  peak = metrics_lib.peak_flops_per_device(peak_flops) * jax.device_count()
+
+  logging.info("Task %s, feature lengths %s, batch %d, mesh %s, %s parameters.",
+               task_name, dict(task_feature_lengths), batch_size, dict(mesh.shape),
+               f"{transformer_lib.num_params(model_config):,}")
+  state = trainer.init(seed)
+  start_step = int(state.step)
+  rows = []
+  pending = []
+  window_start = time.perf_counter()
+  for step in range(start_step, train_steps):
+    batch = pipeline.to_global(next(data_iter), trainer.batch_sharding, batch_size)
+    state, step_metrics = trainer.train_step(state, batch)
+    pending.append(step_metrics)
+    done = step + 1
+    if done % log_every == 0 or done == train_steps:
+      fetched = jax.device_get(pending)
+      elapsed = time.perf_counter() - window_start
+      window_start = time.perf_counter()
+      for m in fetched:
+        if not m["finite"]:
+          raise FloatingPointError(
+              f"Non-finite loss {m['loss']} or gradient norm {m['grad_norm']} at step "
+              f"{done}. Lower the learning rate, enable z_loss, or set "
+              "make_optimizer.skip_nonfinite_updates to skip such updates.")
+      summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
+      summary.pop("finite")
+      step_time = elapsed / len(fetched)
+      summary["step_time"] = step_time
+      summary["tokens_per_sec"] = batch_size * seq_len / step_time
+      summary["mfu"] = flops_per_step / step_time / peak
+      if extra_metrics_hook is not None:
+        summary.update(extra_metrics_hook(done, state))
+      rows.append(logger.write(done, summary))
+      pending = []
+  logger.close()
+  return rows
+
+
+def tf_gfile_makedirs(path: str) -> None:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.io.gfile.makedirs(path)
+
+
+def open_for_write(path: str):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.io.gfile.GFile(path, "w")
+
+
+

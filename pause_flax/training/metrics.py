@@ -1,0 +1,134 @@
+"""Reporting: metrics.jsonl, TensorBoard (clu writers) and console progress.
+
+Only process 0 writes files; every process may log to its console. MFU is
+model FLOPs per second (see `pause_flax.model.transformer.flops_per_token`)
+over the devices' peak FLOPs per second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from absl import logging
+
+# Dense peak FLOP/s per chip for the compute dtype bf16 (vendor figures).
+_PEAK_FLOPS_BY_KIND = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+}
+
+
+def measure_matmul_peak(size: int = 1024, repeats: int = 5,
+                        dtype: Any = np.float32) -> float:
+  """FLOP/s of a square jnp.dot on the default device (best of `repeats`)."""
+  import jax.numpy as jnp
+  a = jnp.ones((size, size), dtype)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * size**3 / best
+
+
+def peak_flops_per_device(override: float | None = None) -> float:
+  """The per-device peak used for MFU: an override, a known chip, or measured."""
+  if override:
+    return float(override)
+  kind = jax.devices()[0].device_kind
+  for prefix, flops in _PEAK_FLOPS_BY_KIND.items():
+    if kind.startswith(prefix):
+      return flops
+  return measure_matmul_peak()
+
+
+def _scalar(v: Any) -> float | int:
+  v = np.asarray(v)
+  return v.item() if v.size == 1 else float(v.mean())
+
+
+class MetricsLogger:
+  """Writes one JSON object per logged step plus TensorBoard scalars."""
+
+  def __init__(self, model_dir: str, *, total_steps: int, is_primary: bool | None = None):
+    self.is_primary = jax.process_index() == 0 if is_primary is None else is_primary
+    self.total_steps = total_steps
+    self._jsonl = None
+    self._writer = None
+    if self.is_primary:
+      from clu import metric_writers  # pylint: disable=g-import-not-at-top
+      os.makedirs(model_dir, exist_ok=True)
+      self._jsonl = open(os.path.join(model_dir, "metrics.jsonl"), "a", encoding="utf-8")
+      self._writer = metric_writers.SummaryWriter(os.path.join(model_dir, "tensorboard"))
+    self._start_time = time.time()
+    self._start_step: int | None = None
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Logs metrics of `step` (1-based count of completed steps)."""
+    row = {"step": int(step)}
+    row.update({k: _scalar(v) for k, v in sorted(metrics.items())})
+    if self._start_step is None:
+      self._start_step = step - 1
+      self._start_time = time.time() - float(row.get("step_time", 0.0))
+    if self.is_primary:
+      self._jsonl.write(json.dumps(row) + "\n")
+      self._jsonl.flush()
+      self._writer.write_scalars(step, {k: v for k, v in row.items() if k != "step"})
+    self._console(row)
+    return row
+
+  def _console(self, row: Mapping[str, Any]) -> None:
+    step = row["step"]
+    done = step - (self._start_step or 0)
+    elapsed = time.time() - self._start_time
+    rate = done / elapsed if elapsed > 0 else 0.0
+    eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
+    parts = [f"step {step}/{self.total_steps}", f"loss {row.get('loss', float('nan')):.4f}"]
+    if "accuracy" in row:
+      parts.append(f"acc {row['accuracy']:.3f}")
+    if "tokens_per_sec" in row:
+      parts.append(f"{row['tokens_per_sec']:,.0f} tok/s")
+    if "mfu" in row:
+      parts.append(f"MFU {100 * row['mfu']:.1f}%")
+    parts.append(f"{rate:.2f} steps/s")
+    parts.append(f"ETA {_format_seconds(eta)}")
+    logging.info(" | ".join(parts))
+
+  def flush(self) -> None:
+    if self._writer is not None:
+      self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+    if self._jsonl is not None:
+      self._jsonl.close()
+
+
+def _format_seconds(seconds: float) -> str:
+  if not np.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def read_metrics(model_dir: str) -> list[dict[str, Any]]:
+  """The rows of MODEL_DIR/metrics.jsonl (for tools and tests)."""
+  path = os.path.join(model_dir, "metrics.jsonl")
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,167 @@
+"""Train state, the sharded train step, and state creation.
+
+The step is `jax.jit` with explicit in/out shardings and the state donated
+(pjit semantics). Parameters and optimizer state are created already sharded:
+their shardings come from the model's logical axis names and the rules in
+`pause_flax.parallel`. The trainer sees token ids and loss weights and nothing
+else about pauses (the optional `pause_id` only feeds a metric).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from pause_flax import parallel
+from pause_flax.model import transformer as transformer_lib
+from pause_flax.training import loss as loss_lib
+
+Batch = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any          # nested dict of arrays (nnx pure dict)
+  opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+  """What the step computes besides the model and optimizer."""
+  accum_steps: int = 1
+  z_loss: float = 0.0
+  pause_id: int | None = None        # only for the pause-input count metric
+
+
+class Trainer:
+  """Builds the jitted, sharded init and train-step functions for one model."""
+
+  def __init__(self, model_config: transformer_lib.TransformerConfig,
+               optimizer: optax.GradientTransformation, mesh: Mesh, *,
+               rules: parallel.LogicalRules = parallel.DEFAULT_RULES,
+               schedule: optax.Schedule | None = None,
+               options: StepOptions = StepOptions()):
+    if options.accum_steps < 1:
+      raise ValueError(f"accum_steps={options.accum_steps} must be >= 1.")
+    self.model_config = model_config
+    self.optimizer = optimizer
+    self.mesh = mesh
+    self.rules = rules
+    self.schedule = schedule
+    self.options = options
+
+    abstract_model = nnx.eval_shape(
+        lambda: transformer_lib.Transformer(model_config, rngs=nnx.Rngs(0)))
+    self.graphdef, abstract_state = nnx.split(abstract_model)
+    self.abstract_params = nnx.to_pure_dict(abstract_state)
+    self.param_shardings = nnx.to_pure_dict(
+        parallel.state_shardings(abstract_state, mesh, rules))
+    replicated = NamedSharding(mesh, P())
+    self.replicated = replicated
+    abstract_opt_state = jax.eval_shape(optimizer.init, self.abstract_params)
+    opt_shardings = optax.tree_utils.tree_map_params(
+        optimizer, lambda _, s: s, abstract_opt_state, self.param_shardings,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, NamedSharding))
+    self.state_shardings = TrainState(step=replicated, params=self.param_shardings,
+                                      opt_state=opt_shardings)
+    self.abstract_state = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32), params=self.abstract_params,
+        opt_state=abstract_opt_state)
+    self.batch_sharding = parallel.batch_sharding(mesh, rules)
+
+    self.init = jax.jit(self._init, static_argnums=0, out_shardings=self.state_shardings)
+    self.train_step = jax.jit(
+        self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
+        out_shardings=(self.state_shardings, replicated), donate_argnums=0)
+
+  # -- state ---------------------------------------------------------------
+
+  def _init(self, seed: int) -> TrainState:
+    model = transformer_lib.Transformer(self.model_config, rngs=nnx.Rngs(seed))
+    params = nnx.to_pure_dict(nnx.state(model))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=self.optimizer.init(params))
+
+  def model(self, params: Any) -> transformer_lib.Transformer:
+    """The NNX model over the given parameters (inside or outside jit)."""
+    return nnx.merge(self.graphdef, params)
+
+  # -- step ----------------------------------------------------------------
+
+  def _loss_sums(self, params: Any, batch: Batch) -> loss_lib.LossSums:
+    model = self.model(params)
+    with parallel.activation_sharding(self.mesh, self.rules):
+      logits = model(batch["decoder_input_tokens"],
+                     positions_BxL=batch.get("decoder_positions"),
+                     segment_ids_BxL=batch.get("decoder_segment_ids"))
+    return loss_lib.cross_entropy_sums(logits, batch["decoder_target_tokens"],
+                                       batch["decoder_loss_weights"], self.options.z_loss)
+
+  def _grads_and_sums(self, params: Any, batch: Batch):
+    """Gradient of the summed loss, accumulated over micro-batches."""
+    grad_fn = jax.grad(lambda p, b: (lambda s: (s.loss, s))(self._loss_sums(p, b)),
+                       has_aux=True)
+    accum = self.options.accum_steps
+    if accum == 1:
+      return grad_fn(params, batch)
+
+    def split(x):
+      # Row i*accum + a goes to micro-batch a: every micro-batch stays evenly
+      # spread over the devices that hold the batch dimension.
+      x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:])
+      x = jnp.swapaxes(x, 0, 1)
+      return parallel.constrain_with(self.mesh, self.rules, x,
+                                     (None, "batch") + (None,) * (x.ndim - 2))
+
+    micro = jax.tree.map(split, batch)
+
+    def body(carry, mb):
+      grads, sums = carry
+      g, s = grad_fn(params, mb)
+      return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, s)), None
+
+    zeros_g = jax.tree.map(jnp.zeros_like, params)
+    zeros_s = loss_lib.LossSums(*(jnp.zeros((), jnp.float32),) * 5)
+    (grads, sums), _ = jax.lax.scan(body, (zeros_g, zeros_s), micro)
+    return grads, sums
+
+  def _train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+    grads, sums = self._grads_and_sums(state.params, batch)
+    denom = jnp.maximum(sums.weight, 1e-8)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.global_norm(grads)
+    loss = sums.loss / denom
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    metrics = {
+        "loss": loss,
+        "cross_entropy": sums.ce / denom,
+        "z_loss": sums.z / denom,
+        "accuracy": sums.correct / denom,
+        "weighted_tokens": sums.weight,
+        "grad_norm": grad_norm,
+        "param_norm": optax.global_norm(params),
+        "finite": finite.astype(jnp.float32),
+    }
+    if self.schedule is not None:
+      metrics["learning_rate"] = jnp.asarray(self.schedule(state.step), jnp.float32)
+    if self.options.pause_id is not None:
+      metrics["pause_inputs"] = jnp.sum(
+          batch["decoder_input_tokens"] == self.options.pause_id).astype(jnp.float32)
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+  # -- helpers -------------------------------------------------------------
+
+  def flops_per_step(self, batch_size: int, seq_len: int) -> float:
+    return transformer_lib.flops_per_token(self.model_config, seq_len) * batch_size * seq_len
