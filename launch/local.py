@@ -10,7 +10,7 @@ stops the others and exits non-zero. `--dry-run` prints the commands instead.
 Arguments after a bare `--` are appended to every training command.
 
   python launch/local.py --num-processes=2 --devices-per-process=4 \
-      --gin-file=gin_configs/local/pretrain_tiny.gin --model-dir=/tmp/run
+      --gin-file=gin_configs/local/<smoke>.gin --model-dir=/tmp/run
 """
 
 from __future__ import annotations

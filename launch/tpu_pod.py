@@ -7,8 +7,8 @@ runs nothing. Subcommands:
 
   create   create the TPU VM (or, with --queued, a queued resource and wait
            until it is ACTIVE)
-  install  ship the code and gin files to every worker and pip-install them
-  run      start `python3 -m pause_flax.train` detached on every worker, each
+  install  ship the code and gin files to every worker and install them
+  run      start `python -m pause_flax.train` detached on every worker, each
            appending to ~/pause_flax_logs/worker-$(hostname).log
   logs     copy each worker's log into --logs-dir/worker-<i>.log
   stop     stop the training process on every worker
@@ -18,9 +18,10 @@ runs nothing. Subcommands:
 What `install` ships: by default a tarball of this checkout (setup.py,
 pause_flax/, gin_configs/, ...) that is copied to every worker with
 `gcloud compute tpus tpu-vm scp --worker=all`, unpacked into ~/pause_flax
-and pip-installed there together with jax[tpu]. With `--package SPEC` pip
-installs SPEC instead (a git URL, a wheel, a PyPI version) and only
-gin_configs/ is shipped. Training runs in ~/pause_flax, so gin file paths are
+and installed from there, with jax[tpu], into a Python 3.11 virtualenv
+(~/pause_flax_venv, made by uv: TPU VM images ship Python 3.10). With
+`--package SPEC` the venv gets SPEC instead (a git URL, a wheel, a PyPI
+version) and only gin_configs/ is shipped. Training runs in ~/pause_flax, so gin file paths are
 relative to the checkout root, as they are locally.
 
 Arguments after a bare `--` are appended to the training command, e.g.
@@ -168,7 +169,7 @@ def _shipped_entries(args: argparse.Namespace) -> list[str]:
 
 
 def install_steps(args: argparse.Namespace) -> list[str]:
-  """Builds the tarball, copies it to every worker, unpacks and pip-installs."""
+  """Builds the tarball, copies it to every worker, unpacks and installs."""
   tarball = _tarball_path(args)
   tar = ["tar", "-czf", tarball, "-C", args.source_dir]
   tar += ["--exclude=__pycache__", "--exclude=*.pyc", *_shipped_entries(args)]
@@ -181,8 +182,9 @@ def install_steps(args: argparse.Namespace) -> list[str]:
       f"tar -xzf {REMOTE_TARBALL} -C {REMOTE_DIR}; "
       "python3 -m pip install --user --upgrade uv; "
       f"python3 -m uv venv --allow-existing --python {REMOTE_PYTHON_VERSION} {REMOTE_VENV}; "
+      # Reinstalls pause-flax even when its version is unchanged: the code may not be.
       f"python3 -m uv pip install --python {REMOTE_VENV}/bin/python --upgrade "
-      f"'jax[tpu]' {package}"
+      f"--reinstall-package pause-flax 'jax[tpu]' {package}"
   )
   return [shlex.join(tar), shlex.join(scp), shlex.join(_ssh(args, "all", remote))]
 

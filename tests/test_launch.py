@@ -165,7 +165,7 @@ def test_install_ships_source_tarball(checkout):
   assert lines[2][5] == tar[2]
   install = _flag(_ssh_lines(lines)[0], "command")
   assert "tar -xzf ~/pause_flax_src.tar.gz -C ~/pause_flax" in install
-  assert install.endswith("'jax[tpu]' ~/pause_flax")
+  assert install.endswith("--reinstall-package pause-flax 'jax[tpu]' ~/pause_flax")
 
 
 def test_install_with_package_ships_only_gin_files(checkout):
