@@ -75,7 +75,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   args = build_parser().parse_args(argv[:split])
   args.train_args = argv[split + 1:]
   args.source_dir = os.path.abspath(args.source_dir)
-  args.model_dir = os.path.abspath(args.model_dir)
+  if "://" not in args.model_dir:  # Processes run in --source-dir: make it absolute.
+    args.model_dir = os.path.abspath(args.model_dir)
+  elif not args.log_dir:
+    raise LaunchError("--model-dir is not a local path; give a local --log-dir")
   args.log_dir = os.path.abspath(args.log_dir or os.path.join(args.model_dir, "logs"))
   if args.num_processes < 1 or args.devices_per_process < 1:
     raise LaunchError("--num-processes and --devices-per-process must be at least 1")

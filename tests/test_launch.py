@@ -351,6 +351,14 @@ def test_local_rejects_missing_gin_file(checkout, tmp_path):
   assert result.returncode == 2 and "not found" in result.stderr
 
 
+def test_local_keeps_a_gcs_model_dir(checkout, tmp_path):
+  args = [f"--source-dir={checkout}", f"--gin-file={GIN_FILE}", f"--model-dir={MODEL_DIR}"]
+  assert "give a local --log-dir" in _local(*args, "--dry-run").stderr
+  result = _local(*args, f"--log-dir={tmp_path}", "--dry-run")
+  assert result.returncode == 0, result.stderr
+  assert f'--gin.MODEL_DIR="{MODEL_DIR}"' in shlex.split(result.stdout.splitlines()[2])
+
+
 def _fake_python(path, body):
   _write(str(path), "#!/usr/bin/env bash\n" + body, 0o755)
   return str(path)
