@@ -1,0 +1,139 @@
+"""Every gin file under gin_configs/ parses and resolves; the paper runs say what they should.
+
+Nothing is trained or compiled: files are parsed with the CLI's configurables
+registered, `train`'s bindings are resolved (REQUIRED macros bound to dummies
+when a file leaves them to the command line), and the paper models are built
+abstractly.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import importlib.util
+import math
+import os
+
+import gin
+import jax
+import pytest
+from flax import nnx
+
+from pause_flax import gin_utils
+from pause_flax.model import transformer
+from pause_flax.training import optimizer as optimizer_lib
+
+# The CLI entry points register the configurables their gin files bind.
+cli = importlib.import_module("pause_flax.train")
+if importlib.util.find_spec("pause_flax.eval") is not None:
+  importlib.import_module("pause_flax.eval")
+
+GIN_ROOT = os.path.join(gin_utils.REPO_ROOT, "gin_configs")
+GIN_FILES = sorted(os.path.relpath(p, gin_utils.REPO_ROOT)
+                   for p in glob.glob(os.path.join(GIN_ROOT, "**", "*.gin"), recursive=True))
+PAPER_FILES = {
+    "gin_configs/paper/pretrain_std_130m.gin": ("paper_130m", 0.0),
+    "gin_configs/paper/pretrain_pause_130m.gin": ("paper_130m", 0.1),
+    "gin_configs/paper/pretrain_std_1b.gin": ("paper_1b", 0.0),
+    "gin_configs/paper/pretrain_pause_1b.gin": ("paper_1b", 0.1),
+}
+# train parameter -> (macro, dummy gin value) for macros a file may leave REQUIRED.
+DUMMIES = {
+    "model_dir": ("MODEL_DIR", "'/tmp/pause_flax_gin_test'"),
+    "mixture_or_task_name": ("MIXTURE_OR_TASK_NAME", "'synthetic_lm'"),
+    "task_feature_lengths": ("TASK_FEATURE_LENGTHS", "{'targets': 128}"),
+    "train_steps": ("TRAIN_STEPS", "10"),
+    "batch_size": ("BATCH_SIZE", "8"),
+}
+# Files meant to be run as they are: only MODEL_DIR comes from the command line.
+RUNNABLE_DIRS = ("gin_configs/paper/", "gin_configs/local/")
+PAPER_TOKENS = 200e9
+PAPER_SEQ_LEN = 2048
+PAPER_VOCAB = 32001  # T5's 32k SentencePiece + <pause>
+
+
+@pytest.fixture(autouse=True)
+def clean_gin():
+  gin.clear_config()
+  for root in gin_utils.DEFAULT_SEARCH_PATHS:
+    gin.add_config_file_search_path(root)
+  yield
+  gin.clear_config()
+
+
+MODEL_CONFIG = "pause_flax.model.transformer.model_config"
+
+
+def _parse(path: str) -> dict:
+  """Parses `path`; returns train's resolved bindings ({} if the file binds none).
+
+  REQUIRED macros get dummies, and a run fragment without a model gets 'tiny'.
+  """
+  gin.parse_config_file(os.path.join(gin_utils.REPO_ROOT, path))
+  if not gin.get_bindings("train", resolve_references=False):
+    return {}
+  if not gin.get_bindings(MODEL_CONFIG, resolve_references=False):
+    gin.bind_parameter(f"{MODEL_CONFIG}.name", "tiny")
+  required = {k for k, v in gin.get_bindings("train").items() if v is gin.REQUIRED}
+  if path.startswith(RUNNABLE_DIRS):
+    assert required <= {"model_dir"}, f"{path} leaves {required} to the command line"
+  assert required <= DUMMIES.keys(), f"{path}: REQUIRED without a dummy: {required}"
+  gin.parse_config([f"{DUMMIES[k][0]} = {DUMMIES[k][1]}" for k in sorted(required)])
+  return gin.get_bindings("train")
+
+
+def test_gin_files_found():
+  assert set(PAPER_FILES) <= set(GIN_FILES)
+
+
+@pytest.mark.parametrize("path", GIN_FILES)
+def test_gin_file_parses_and_resolves(path):
+  b = _parse(path)
+  if gin.get_bindings(MODEL_CONFIG, resolve_references=False):
+    assert isinstance(transformer.model_config(), transformer.TransformerConfig)
+  if not b:
+    return
+  assert not [k for k, v in b.items() if v is gin.REQUIRED]
+  assert isinstance(b["model_config"], transformer.TransformerConfig)
+  # The schedule, optimizer and mesh the CLI would build from this file.
+  optimizer_lib.make_schedule(
+      b.get("learning_rate", 1e-3), b["train_steps"], b.get("warmup_steps", 0),
+      b.get("decay", "cosine"), b.get("end_learning_rate_fraction", 0.1))
+  cli.make_optimizer(1e-3)
+  assert math.prod(cli.make_mesh().shape.values()) == jax.device_count()
+
+
+@pytest.mark.parametrize("path", sorted(PAPER_FILES))
+def test_paper_pretraining_runs(path):
+  model_name, fraction = PAPER_FILES[path]
+  b = _parse(path)
+  assert gin.query_parameter("%MODEL_NAME") == model_name
+  assert b["mixture_or_task_name"] == "c4_en_lm"
+  assert dict(b["task_feature_lengths"]) == {"targets": PAPER_SEQ_LEN}
+  assert b["model_config"].max_len >= PAPER_SEQ_LEN
+  assert b["pause_fraction"] == fraction
+  assert b["num_pauses"] == 0
+  assert isinstance(b["train_steps"], int) and isinstance(b["batch_size"], int)
+  tokens = b["train_steps"] * b["batch_size"] * PAPER_SEQ_LEN
+  assert abs(tokens / PAPER_TOKENS - 1) < 0.01, tokens
+  assert b["warmup_steps"] < b["train_steps"]
+  assert b["model_config"].dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("size", ["130m", "1b"])
+def test_paper_std_and_pause_runs_share_the_recipe(size):
+  runs = {}
+  for kind in ("std", "pause"):
+    gin.clear_config()
+    runs[kind] = _parse(f"gin_configs/paper/pretrain_{kind}_{size}.gin")
+  assert {k for k in runs["std"] if runs["std"][k] != runs["pause"][k]} == {"pause_fraction"}
+
+
+@pytest.mark.parametrize("name,expected", [("paper_130m", 136e6), ("paper_1b", 1.34e9)])
+def test_paper_models_build_at_the_paper_size(name, expected):
+  gin.parse_config_file(os.path.join(GIN_ROOT, "models", f"{name}.gin"))
+  config = transformer.model_config(vocab_size=PAPER_VOCAB)
+  model = nnx.eval_shape(lambda: transformer.Transformer(config, rngs=nnx.Rngs(0)))
+  built = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert built == transformer.num_params(config, include_padding=True)
+  assert abs(transformer.num_params(config) / expected - 1) < 0.02
