@@ -131,6 +131,15 @@ def _variable_names(variable) -> tuple[str | None, ...] | None:
   return None
 
 
+def variable_logical_names(variable) -> tuple[str | None, ...] | None:
+  """The logical axis names of an nnx.Variable, or None if it has none."""
+  names = _variable_names(variable)
+  value = variable.get_value() if hasattr(variable, "get_value") else variable.value
+  if names is None or len(names) != getattr(value, "ndim", 0):
+    return None
+  return names
+
+
 def state_shardings(state, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES):
   """NamedShardings for an nnx.State (abstract or concrete) from its metadata.
 

@@ -12,16 +12,20 @@ Multi-process runs off TPU take --coordinator_address, --num_processes and
 
 from __future__ import annotations
 
+import logging as pylogging
 import os
+import sys
 from collections.abc import Sequence
 
 from absl import flags
+from absl import logging as absl_logging
 import gin
 import jax
 
 from pause_flax import gin_utils
 from pause_flax import parallel
 from pause_flax.model import transformer as _transformer  # registers model_config
+from pause_flax.training import checkpointing
 from pause_flax.training import loop
 from pause_flax.training import optimizer as optimizer_lib
 
@@ -39,6 +43,8 @@ flags.DEFINE_integer("process_id", None,
 train = gin.external_configurable(loop.train, "train")
 make_mesh = gin.external_configurable(parallel.make_mesh, "make_mesh")
 make_optimizer = gin.external_configurable(optimizer_lib.make_optimizer, "make_optimizer")
+CheckpointOptions = gin.external_configurable(checkpointing.CheckpointOptions,
+                                              "CheckpointOptions")
 del _transformer
 
 
@@ -56,17 +62,36 @@ def initialize_distributed() -> None:
           f"--process_id together; got {address!r}, {num!r}, {pid!r}.")
     jax.distributed.initialize(coordinator_address=address, num_processes=int(num),
                                process_id=int(pid))
-  elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID"):
-    jax.distributed.initialize()
+  elif _on_cloud_tpu():
+    jax.distributed.initialize()  # discovers the slice from the TPU metadata
+
+
+def _on_cloud_tpu() -> bool:
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  if os.environ.get("JAX_PLATFORMS", "") not in ("", "tpu"):
+    return False
+  return (importlib.util.find_spec("libtpu") is not None
+          or bool(os.environ.get("TPU_WORKER_HOSTNAMES")))
+
+
+class _QuietLibraries(pylogging.Filter):
+  """Keeps orbax's per-save INFO chatter out of the console (warnings pass)."""
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise flags.Error(f"Unexpected arguments: {argv[1:]}")
+  absl_logging.get_absl_handler().addFilter(_QuietLibraries())
   initialize_distributed()
   gin_utils.parse_gin_flags()
-  train(mesh=make_mesh(), optimizer=lambda schedule: make_optimizer(schedule),
-        config_str=gin.operative_config_str)
+  try:
+    train(mesh=make_mesh(), optimizer=lambda schedule: make_optimizer(schedule),
+          config_str=gin.operative_config_str)
+  except loop.Preempted:
+    sys.exit(loop.EXIT_PREEMPTED)
 
 
 def console_main() -> None:

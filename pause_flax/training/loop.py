@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
+import threading
 import time
 from collections.abc import Mapping, Sequence
 
 from absl import logging
 import jax
 import numpy as np
+import optax
 
 from pause_flax import parallel
 from pause_flax.model import transformer as transformer_lib
+from pause_flax.training import checkpointing
 from pause_flax.training import metrics as metrics_lib
 from pause_flax.training import optimizer as optimizer_lib
 from pause_flax.training import trainer as trainer_lib
@@ -68,6 +72,10 @@ def train(*, model_dir: str,
           mesh: jax.sharding.Mesh | None = None,
           rules: parallel.LogicalRules = parallel.DEFAULT_RULES,
           peak_flops: float | None = None,
+          checkpoint_options: checkpointing.CheckpointOptions = (
+              checkpointing.CheckpointOptions()),
+          init_from: str | None = None,
+          skip_nonfinite_updates: int = 0,
           optimizer=None,
           config_str=None,
           extra_metrics_hook=None) -> list[dict]:
@@ -105,6 +113,8 @@ def train(*, model_dir: str,
   schedule = optimizer_lib.make_schedule(learning_rate, train_steps, warmup_steps, decay,
                            end_learning_rate_fraction)
   tx = optimizer(schedule) if optimizer is not None else optimizer_lib.make_optimizer(schedule)
+  if skip_nonfinite_updates:
+    tx = optax.apply_if_finite(tx, max_consecutive_errors=skip_nonfinite_updates)
   trainer = trainer_lib.Trainer(
       model_config, tx, mesh, rules=rules, schedule=schedule,
       options=trainer_lib.StepOptions(accum_steps=accum_steps, z_loss=z_loss,
@@ -119,45 +129,138 @@ def train(*, model_dir: str,
   ds = pipeline.get_dataset(task_name, task_feature_lengths, batch_size, seed=data_seed,
                             shuffle=True, pack=pack)
   data_iter = pipeline.CheckpointableIterator(ds)
-  logger = metrics_lib.MetricsLogger(model_dir, total_steps=train_steps)
+  ckpt = checkpointing.Checkpointer(os.path.join(model_dir, "checkpoints"),
+                                    checkpoint_options)
   flops_per_step = trainer.flops_per_step(batch_size, seq_len)
   peak = metrics_lib.peak_flops_per_device(peak_flops) * jax.device_count()
-
   logging.info("Task %s, feature lengths %s, batch %d, mesh %s, %s parameters.",
                task_name, dict(task_feature_lengths), batch_size, dict(mesh.shape),
                f"{transformer_lib.num_params(model_config):,}")
-  state = trainer.init(seed)
+
+  state = _initial_state(trainer, ckpt, data_iter, seed, init_from)
   start_step = int(state.step)
+  logger = metrics_lib.MetricsLogger(model_dir, total_steps=train_steps)
+  logger.truncate_after(start_step)
+  stop = _StopSignal()
   rows = []
-  pending = []
-  window_start = time.perf_counter()
-  for step in range(start_step, train_steps):
-    batch = pipeline.to_global(next(data_iter), trainer.batch_sharding, batch_size)
-    state, step_metrics = trainer.train_step(state, batch)
-    pending.append(step_metrics)
-    done = step + 1
-    if done % log_every == 0 or done == train_steps:
-      fetched = jax.device_get(pending)
-      elapsed = time.perf_counter() - window_start
-      window_start = time.perf_counter()
-      for m in fetched:
-        if not m["finite"]:
-          raise FloatingPointError(
-              f"Non-finite loss {m['loss']} or gradient norm {m['grad_norm']} at step "
-              f"{done}. Lower the learning rate, enable z_loss, or set "
-              "make_optimizer.skip_nonfinite_updates to skip such updates.")
-      summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
-      summary.pop("finite")
-      step_time = elapsed / len(fetched)
-      summary["step_time"] = step_time
-      summary["tokens_per_sec"] = batch_size * seq_len / step_time
-      summary["mfu"] = flops_per_step / step_time / peak
-      if extra_metrics_hook is not None:
-        summary.update(extra_metrics_hook(done, state))
-      rows.append(logger.write(done, summary))
-      pending = []
-  logger.close()
+  finite_flags = []
+  window_start, window_steps = time.perf_counter(), 0
+  meta = {"vocab_size": model_config.vocab_size, "task": task_name,
+          "model_config": dataclasses.asdict(model_config)}
+  try:
+    for step in range(start_step, train_steps):
+      batch = pipeline.to_global(next(data_iter), trainer.batch_sharding, batch_size)
+      state, step_metrics = trainer.train_step(state, batch)
+      finite_flags.append(step_metrics["finite"])
+      window_steps += 1
+      done = step + 1
+      if done % log_every == 0 or done == train_steps:
+        _check_finite(finite_flags, done, skip_nonfinite_updates)
+        finite_flags = []
+        metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        metrics.pop("finite")
+        step_time = (time.perf_counter() - window_start) / window_steps
+        window_start, window_steps = time.perf_counter(), 0
+        metrics["step_time"] = step_time
+        metrics["tokens_per_sec"] = batch_size * seq_len / step_time
+        metrics["mfu"] = flops_per_step / step_time / peak
+        if extra_metrics_hook is not None:
+          metrics.update(extra_metrics_hook(done, state))
+        rows.append(logger.write(done, metrics))
+      preempted = stop.requested()
+      if ckpt.should_save(done) or done == train_steps or preempted:
+        _check_finite(finite_flags, done, skip_nonfinite_updates)
+        ckpt.save(done, state.params, state.opt_state, data_iter, meta)
+      if preempted:
+        ckpt.wait()
+        logging.warning("Stopped by %s at step %d; checkpoint saved. Rerun the same "
+                        "command to resume.", stop.signal_name, done)
+        raise Preempted(done)
+  finally:
+    stop.restore()
+    ckpt.close()
+    logger.close()
   return rows
+
+
+class Preempted(Exception):
+  """SIGTERM/SIGINT: a checkpoint at `step` was saved; the CLI exits 75."""
+
+  def __init__(self, step: int):
+    super().__init__(f"preempted at step {step}")
+    self.step = step
+
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: interrupted, state saved, rerun to resume
+
+
+class _StopSignal:
+  """SIGTERM/SIGINT set a flag; all processes agree on it before acting."""
+
+  def __init__(self):
+    self.signal_name = None
+    self._old = {}
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._old[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signal_name is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C stops at once
+    self.signal_name = signal.Signals(signum).name
+
+  def requested(self) -> bool:
+    local = self.signal_name is not None
+    if jax.process_count() == 1:
+      return local
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    flags = multihost_utils.process_allgather(np.asarray(local, np.int32))
+    if flags.any() and self.signal_name is None:
+      self.signal_name = "a signal on another process"
+    return bool(flags.any())
+
+  def restore(self):
+    for sig, handler in self._old.items():
+      signal.signal(sig, handler)
+
+
+def _check_finite(flags, step: int, skip_nonfinite_updates: int) -> None:
+  if not flags:
+    return
+  values = np.asarray(jax.device_get(flags))
+  if values.all():
+    return
+  if skip_nonfinite_updates:
+    logging.warning("%d non-finite update(s) skipped before step %d.",
+                    int((values == 0).sum()), step)
+    return
+  raise FloatingPointError(
+      f"Non-finite loss or gradient norm before step {step}; the run stops without saving "
+      "that state. Lower the learning rate, enable z_loss, or set "
+      "train.skip_nonfinite_updates=N to skip up to N such updates in a row.")
+
+
+def _initial_state(trainer: trainer_lib.Trainer, ckpt: checkpointing.Checkpointer,
+                 data_iter, seed: int, init_from: str | None) -> trainer_lib.TrainState:
+  """Resume from MODEL_DIR if it has a checkpoint, else init (or load params)."""
+  restored = ckpt.restore_latest(
+      checkpointing.abstract_with_shardings(trainer.abstract_params,
+                                            trainer.param_shardings),
+      checkpointing.abstract_with_shardings(trainer.abstract_state.opt_state,
+                                            trainer.state_shardings.opt_state),
+      data_iter)
+  if restored is not None:
+    step, params, opt_state = restored
+    logging.info("Resumed from %s at step %d.", ckpt.directory, step)
+    return trainer_lib.TrainState(step=jax.device_put(np.int32(step), trainer.replicated),
+                                  params=params, opt_state=opt_state)
+  state = trainer.init(seed)
+  if init_from:
+    params = checkpointing.load_params(init_from, trainer)
+    state = trainer.fresh_state(params)
+    logging.info("Initialised parameters from %s (optimizer state fresh).", init_from)
+  return state
 
 
 def tf_gfile_makedirs(path: str) -> None:

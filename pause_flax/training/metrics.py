@@ -76,6 +76,18 @@ class MetricsLogger:
     self._start_time = time.time()
     self._start_step: int | None = None
 
+  def truncate_after(self, step: int) -> None:
+    """Drops rows past `step` (a resumed run logs those steps again)."""
+    if not self.is_primary:
+      return
+    path = self._jsonl.name
+    self._jsonl.close()
+    with open(path, encoding="utf-8") as f:
+      lines = [l for l in f if l.strip() and json.loads(l)["step"] <= step]
+    with open(path, "w", encoding="utf-8") as f:
+      f.writelines(lines)
+    self._jsonl = open(path, "a", encoding="utf-8")
+
   def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
     """Logs metrics of `step` (1-based count of completed steps)."""
     row = {"step": int(step)}

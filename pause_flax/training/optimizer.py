@@ -58,14 +58,8 @@ def make_optimizer(learning_rate: float | optax.Schedule, *, b1: float = 0.9,
                    b2: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.1,
                    clip_norm: float | None = 1.0,
                    mask: Callable[[Any], Any] | None = decay_mask,
-                   skip_nonfinite_updates: int = 0,
                    ) -> optax.GradientTransformation:
-  """Global-norm clipping, then AdamW (decoupled weight decay, masked).
-
-  With `skip_nonfinite_updates=N > 0`, an update whose gradients are not finite
-  is skipped (optax.apply_if_finite), up to N times in a row; otherwise the
-  trainer stops on a non-finite loss.
-  """
+  """Global-norm clipping, then AdamW (decoupled weight decay, masked)."""
   if clip_norm is not None and clip_norm <= 0:
     raise ValueError(f"clip_norm={clip_norm} must be positive, or None to disable.")
   parts = []
@@ -73,7 +67,4 @@ def make_optimizer(learning_rate: float | optax.Schedule, *, b1: float = 0.9,
     parts.append(optax.clip_by_global_norm(clip_norm))
   parts.append(optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps,
                            weight_decay=weight_decay, mask=mask))
-  tx = optax.chain(*parts)
-  if skip_nonfinite_updates:
-    tx = optax.apply_if_finite(tx, max_consecutive_errors=skip_nonfinite_updates)
-  return tx
+  return optax.chain(*parts)

@@ -64,6 +64,10 @@ class Trainer:
     self.abstract_params = nnx.to_pure_dict(abstract_state)
     self.param_shardings = nnx.to_pure_dict(
         parallel.state_shardings(abstract_state, mesh, rules))
+    # {('layers', 0, 'attn', 'q', 'kernel'): ('embed', 'heads', 'kv'), ...}
+    self.param_logical_names = {
+        tuple(path): parallel.variable_logical_names(v)
+        for path, v in nnx.to_flat_state(abstract_state)}
     replicated = NamedSharding(mesh, P())
     self.replicated = replicated
     abstract_opt_state = jax.eval_shape(optimizer.init, self.abstract_params)
@@ -90,6 +94,14 @@ class Trainer:
     params = nnx.to_pure_dict(nnx.state(model))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=self.optimizer.init(params))
+
+  def fresh_state(self, params: Any) -> TrainState:
+    """Step 0 with the given parameters and a new optimizer state."""
+    params = jax.device_put(params, self.param_shardings)
+    opt_state = jax.jit(self.optimizer.init,
+                        out_shardings=self.state_shardings.opt_state)(params)
+    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), self.replicated),
+                      params=params, opt_state=opt_state)
 
   def model(self, params: Any) -> transformer_lib.Transformer:
     """The NNX model over the given parameters (inside or outside jit)."""

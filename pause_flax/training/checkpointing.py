@@ -1,0 +1,290 @@
+"""Orbax checkpoints: async sharded saves, exact resume, fault tolerance.
+
+A checkpoint at step S lives in `<dir>/<S>/` with four items:
+  params     the model parameters (sharded arrays, restorable onto any mesh)
+  opt_state  {'step': S, 'opt_state': optimizer state}
+  data       one tf.data iterator state per process (`process_<i>/`), so that a
+             resumed run continues on exactly the batches it would have seen
+  meta       JSON: step, vocabulary size, model config
+Orbax writes each checkpoint to a temporary directory and renames it when
+complete, so a save killed half-way never shows up as a step. A finalised
+checkpoint that fails to restore (a truncated or corrupt file) is moved
+aside to `<dir>/<S>.corrupt` and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from absl import logging
+from etils import epath
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+PARAMS, OPT_STATE, DATA, META = "params", "opt_state", "data", "meta"
+
+
+# -- data iterator state ------------------------------------------------------
+
+
+class DataIteratorHandler(ocp.CheckpointHandler):
+  """Saves/restores an object with save(prefix)/restore(prefix), per process.
+
+  Saving is synchronous (the iterator's position must be taken before the
+  next batch is read); the arrays of the same checkpoint are written async.
+  """
+
+  def _prefix(self, directory: epath.Path) -> str:
+    path = directory / f"process_{jax.process_index()}"
+    path.mkdir(parents=True, exist_ok=True)
+    return os.fspath(path / "iterator")
+
+  def save(self, directory: epath.Path, args: "DataIteratorSave") -> None:
+    args.item.save(self._prefix(directory))
+
+  def restore(self, directory: epath.Path, args: "DataIteratorRestore") -> Any:
+    prefix = os.fspath(directory / f"process_{jax.process_index()}" / "iterator")
+    if not (directory / f"process_{jax.process_index()}").exists():
+      raise FileNotFoundError(
+          f"No data-iterator state for process {jax.process_index()} in {directory}: the "
+          "checkpoint was written by a run with a different number of processes.")
+    args.item.restore(prefix)
+    return args.item
+
+  def metadata(self, directory: epath.Path) -> None:
+    return None
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
+@dataclasses.dataclass
+class DataIteratorSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class DataIteratorRestore(ocp.args.CheckpointArgs):
+  item: Any
+
+
+# -- helpers ------------------------------------------------------------------
+
+
+def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs carrying the target shardings (restore onto any mesh)."""
+  return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def all_finite(tree: Any) -> bool:
+  return bool(_all_finite(tree))
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointOptions:
+  """When to save and what to keep."""
+  save_every: int = 1000          # steps between periodic saves (0: only at the end)
+  keep: int = 3                   # the last K checkpoints
+  keep_period: int | None = None  # also every P-th step, forever
+  async_save: bool = True
+
+
+class Checkpointer:
+  """An orbax CheckpointManager with the train state's items."""
+
+  def __init__(self, directory: str, options: CheckpointOptions = CheckpointOptions()):
+    if options.keep < 1:
+      raise ValueError(f"keep={options.keep} must be >= 1: the newest checkpoint is "
+                       "always kept.")
+    if options.save_every < 0:
+      raise ValueError(f"save_every={options.save_every} must be >= 0.")
+    self.directory = epath.Path(directory)
+    self.options = options
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            save_interval_steps=options.save_every or 1,
+            max_to_keep=options.keep,
+            keep_period=options.keep_period,
+            enable_async_checkpointing=options.async_save,
+            cleanup_tmp_directories=True,
+            create=True))
+
+  # -- saving ---------------------------------------------------------------
+
+  def should_save(self, step: int) -> bool:
+    return bool(self.options.save_every) and step % self.options.save_every == 0
+
+  def save(self, step: int, params: Any, opt_state: Any, data_iterator: Any,
+           meta: dict | None = None) -> None:
+    """Saves asynchronously; refuses a state that is not finite."""
+    if not all_finite(params) or not all_finite(opt_state):
+      raise FloatingPointError(
+          f"Refusing to save step {step}: the parameters or optimizer state are not finite.")
+    args = {
+        PARAMS: ocp.args.StandardSave(params),
+        OPT_STATE: ocp.args.StandardSave({"step": np.int64(step), "opt_state": opt_state}),
+        META: ocp.args.JsonSave({"step": step, **(meta or {})}),
+    }
+    if data_iterator is not None:
+      args[DATA] = DataIteratorSave(data_iterator)
+    self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+  # -- restoring ------------------------------------------------------------
+
+  def steps(self) -> list[int]:
+    self.manager.reload()
+    return sorted(self.manager.all_steps())
+
+  def restore_latest(self, abstract_params: Any, abstract_opt_state: Any,
+                     data_iterator: Any) -> tuple[int, Any, Any] | None:
+    """(step, params, opt_state) of the newest checkpoint that restores.
+
+    Restores the data iterator's position too. A checkpoint that fails is moved
+    aside with a warning and the previous one is tried.
+    """
+    for step in reversed(self.steps()):
+      try:
+        args = {
+            PARAMS: ocp.args.StandardRestore(abstract_params),
+            OPT_STATE: ocp.args.StandardRestore(
+                {"step": jax.ShapeDtypeStruct((), np.int64), "opt_state": abstract_opt_state}),
+        }
+        if data_iterator is not None:
+          args[DATA] = DataIteratorRestore(data_iterator)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+        params, opt = restored[PARAMS], restored[OPT_STATE]
+        if not all_finite(params) or not all_finite(opt["opt_state"]):
+          raise ValueError("restored values are not finite")
+      except Exception as e:  # pylint: disable=broad-except
+        self._quarantine(step, e)
+        continue
+      if step != self.steps()[-1]:
+        logging.warning("Resumed from step %d, an older checkpoint.", step)
+      return step, params, opt["opt_state"]
+    return None
+
+  def _quarantine(self, step: int, error: Exception) -> None:
+    src = self.directory / str(step)
+    dst = self.directory / f"{step}.corrupt"
+    logging.warning("Checkpoint %s is unreadable (%s: %s); moving it to %s and falling "
+                    "back to the previous checkpoint.", src, type(error).__name__,
+                    str(error).splitlines()[0][:300] if str(error) else "", dst)
+    if jax.process_index() == 0:
+      if dst.exists():
+        dst.rmtree()
+      src.rename(dst)
+    self.manager.reload()
+
+  def restore_params(self, step: int | None, abstract_params: Any) -> Any:
+    """Parameters only (e.g. to start finetuning from another run)."""
+    step = self.steps()[-1] if step is None else step
+    restored = self.manager.restore(
+        step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(abstract_params)}))
+    return restored[PARAMS]
+
+  def read_meta(self, step: int | None = None) -> dict:
+    step = self.steps()[-1] if step is None else step
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        **{META: ocp.args.JsonRestore()}))
+    return dict(restored[META])
+
+
+# -- loading parameters for finetuning ------------------------------------------
+
+
+def _resolve(path: str) -> tuple[str, int | None]:
+  """A checkpoints dir, a MODEL_DIR holding one, or `<checkpoints>/<step>`."""
+  p = epath.Path(path)
+  if p.name.isdigit() and (p / PARAMS).exists():
+    return os.fspath(p.parent), int(p.name)
+  if (p / "checkpoints").exists():
+    return os.fspath(p / "checkpoints"), None
+  if p.exists():
+    return os.fspath(p), None
+  raise FileNotFoundError(f"init_from={path!r} does not exist: give a MODEL_DIR, its "
+                          "checkpoints/ folder, or a checkpoints/<step> folder.")
+
+
+def load_params(path: str, trainer) -> Any:
+  """Parameters of another run, placed on `trainer`'s mesh, for finetuning.
+
+  A checkpoint whose vocabulary is smaller (e.g. made with the standard
+  vocabulary, loaded into a pause vocabulary) gets the missing rows of every
+  parameter with a `vocab` axis from a fresh initialisation of the new model:
+  the pause embedding (and output row) start as a new model's would
+  (normal(0, 1) / normal(0, 1/sqrt(d_model)) as the model initialises them).
+  Any other shape mismatch is an error.
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from pause_flax import parallel  # pylint: disable=g-import-not-at-top
+  from pause_flax.model import transformer as transformer_lib  # pylint: disable=g-import-not-at-top
+
+  directory, step = _resolve(path)
+  ckpt = Checkpointer(directory, CheckpointOptions(async_save=False))
+  steps = ckpt.steps()
+  if not steps:
+    raise FileNotFoundError(f"init_from={path!r}: no checkpoint in {directory}.")
+  step = steps[-1] if step is None else step
+  meta = ckpt.read_meta(step)
+  saved_cfg = dataclasses.replace(
+      trainer.model_config, **{k: v for k, v in meta["model_config"].items()
+                               if k in ("vocab_size",)})
+  new_cfg = trainer.model_config
+  if saved_cfg.vocab_size > new_cfg.vocab_size:
+    raise ValueError(f"init_from={path!r} has vocab_size {saved_cfg.vocab_size}, larger "
+                     f"than this model's {new_cfg.vocab_size}.")
+  abstract_model = nnx.eval_shape(lambda: transformer_lib.Transformer(saved_cfg,
+                                                                      rngs=nnx.Rngs(0)))
+  _, saved_state = nnx.split(abstract_model)
+  saved_abstract = abstract_with_shardings(
+      nnx.to_pure_dict(saved_state),
+      nnx.to_pure_dict(parallel.state_shardings(saved_state, trainer.mesh, trainer.rules)))
+  try:
+    old = ckpt.restore_params(step, saved_abstract)
+  except Exception as e:
+    raise ValueError(f"init_from={path!r} step {step} does not match this model's "
+                     f"architecture: {str(e).splitlines()[0][:300]}") from e
+  finally:
+    ckpt.close()
+  if saved_cfg.padded_vocab_size == new_cfg.padded_vocab_size:
+    return jax.device_put(old, trainer.param_shardings)
+
+  fresh = trainer.init(0).params
+  old_v = saved_cfg.vocab_size
+
+  def merge(path_keys, new, prev):
+    names = trainer.param_logical_names.get(tuple(k.key for k in path_keys))
+    if names is None or "vocab" not in names:
+      if new.shape != prev.shape:
+        raise ValueError(f"init_from: parameter {path_keys} has shape {prev.shape}, "
+                         f"expected {new.shape}.")
+      return prev
+    axis = names.index("vocab")
+    index = [slice(None)] * new.ndim
+    index[axis] = slice(0, old_v)
+    return new.at[tuple(index)].set(jax.lax.slice_in_dim(prev, 0, old_v, axis=axis))
+
+  merged = jax.jit(lambda n, o: jax.tree_util.tree_map_with_path(merge, n, o),
+                   out_shardings=trainer.param_shardings)(fresh, old)
+  logging.info("init_from: vocabulary %d -> %d; new rows (the pause id) freshly "
+               "initialised.", old_v, new_cfg.vocab_size)
+  return merged
