@@ -1,0 +1,66 @@
+"""Throughput of the standard and pause pretraining pipelines (not a test).
+
+Reads the offline synthetic corpus through the full seqio path of
+`synthetic_lm` and `synthetic_lm_pause` (tokenize bytes, append EOS,
+concatenate, split to L, [inject pauses], feature converter, batch) and
+reports examples/s, tokens/s and the pause/standard ratio. Runs alternate
+between the two pipelines and the best of `--repeats` is kept, which damps
+noise from other processes on the machine.
+
+  python benchmarks/data_pipeline.py --lengths 512,2048
+"""
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import seqio  # noqa: E402
+
+from pause_flax.data import tasks  # noqa: E402
+
+
+def _dataset(name: str, length: int, batch_size: int):
+  ds = seqio.get_dataset(
+      name, {"targets": length}, tasks.get_feature_converter(name),
+      dataset_split="train", shuffle=False, num_epochs=None, seed=0)
+  return ds.batch(batch_size, drop_remainder=True)
+
+
+def _time(name: str, length: int, batch_size: int, batches: int) -> float:
+  """Seconds to read `batches` batches, after one warm-up batch."""
+  it = iter(_dataset(name, length, batch_size))
+  next(it)
+  start = time.perf_counter()
+  for _ in range(batches):
+    next(it)
+  return time.perf_counter() - start
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--lengths", default="512,2048")
+  parser.add_argument("--tokens", type=int, default=4_000_000,
+                      help="tokens read per timed run")
+  parser.add_argument("--batch_size", type=int, default=8)
+  parser.add_argument("--repeats", type=int, default=3)
+  args = parser.parse_args()
+  print(f"{'L':>5} {'pipeline':>20} {'examples/s':>11} {'tokens/s':>11} ratio")
+  for length in map(int, args.lengths.split(",")):
+    batches = max(1, args.tokens // (length * args.batch_size))
+    best = {"synthetic_lm": float("inf"), "synthetic_lm_pause": float("inf")}
+    for _ in range(args.repeats):
+      for name in best:
+        best[name] = min(best[name],
+                         _time(name, length, args.batch_size, batches))
+    examples = batches * args.batch_size
+    for name, seconds in best.items():
+      ratio = best["synthetic_lm"] / seconds
+      print(f"{length:>5} {name:>20} {examples / seconds:>11.0f} "
+            f"{examples * length / seconds:>11.3g} {ratio:.2f}")
+
+
+if __name__ == "__main__":
+  main()
