@@ -26,6 +26,7 @@ def fake_c4(tmp_path_factory):
     class C4(tfds.core.GeneratorBasedBuilder):  # pylint: disable=unused-variable
       VERSION = tfds.core.Version("3.0.1")
       BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="en")]
+      code_path = None  # No checksums file to look up next to this code.
 
       def _info(self):
         return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
