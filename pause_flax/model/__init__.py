@@ -1,5 +1,6 @@
-"""pause_flax.model: the decoder-only Transformer (pause-agnostic)."""
+"""pause_flax.model: the decoder-only Transformer (pause-agnostic) and decoding."""
 
+from pause_flax.model.decoding import build_prompt, generate, pad_prompts, score
 from pause_flax.model.transformer import (
     KV_CACHE_LOGICAL_AXES,
     PAD_LOGIT,
@@ -14,5 +15,6 @@ from pause_flax.model.transformer import (
 
 __all__ = [
     'KV_CACHE_LOGICAL_AXES', 'PAD_LOGIT', 'KVCache', 'Transformer', 'TransformerConfig',
-    'flops_per_token', 'init_cache', 'model_config', 'num_params',
+    'build_prompt', 'flops_per_token', 'generate', 'init_cache', 'model_config', 'num_params',
+    'pad_prompts', 'score',
 ]
