@@ -300,3 +300,7 @@ def register_synthetic_tasks(sequence_length: int = 512) -> list[str]:
 
 register_c4_tasks()
 register_synthetic_tasks()
+
+# The paper's downstream Tasks (squad, gsm8k, ...) register on import; the
+# module imports this one, so this stays the last line.
+from pause_flax.data import downstream as _downstream  # pylint: disable=g-import-not-at-top,unused-import
