@@ -42,10 +42,12 @@ DUMMIES = {
     "model_dir": ("MODEL_DIR", "'/tmp/pause_flax_gin_test'"),
     "mixture_or_task_name": ("MIXTURE_OR_TASK_NAME", "'synthetic_lm'"),
     "task_feature_lengths": ("TASK_FEATURE_LENGTHS", "{'targets': 128}"),
-    "train_steps": ("TRAIN_STEPS", "10"),
+    "train_steps": ("TRAIN_STEPS", "10000"),
     "batch_size": ("BATCH_SIZE", "8"),
+    "init_from": ("INIT_FROM", "'/tmp/pause_flax_gin_test_init'"),
 }
-# Files meant to be run as they are: only MODEL_DIR comes from the command line.
+# Files meant to be run as they are: only paths come from the command line.
+COMMAND_LINE = {"model_dir", "init_from"}
 RUNNABLE_DIRS = ("gin_configs/paper/", "gin_configs/local/")
 PAPER_TOKENS = 200e9
 PAPER_SEQ_LEN = 2048
@@ -76,7 +78,7 @@ def _parse(path: str) -> dict:
     gin.bind_parameter(f"{MODEL_CONFIG}.name", "tiny")
   required = {k for k, v in gin.get_bindings("train").items() if v is gin.REQUIRED}
   if path.startswith(RUNNABLE_DIRS):
-    assert required <= {"model_dir"}, f"{path} leaves {required} to the command line"
+    assert required <= COMMAND_LINE, f"{path} leaves {required} to the command line"
   assert required <= DUMMIES.keys(), f"{path}: REQUIRED without a dummy: {required}"
   gin.parse_config([f"{DUMMIES[k][0]} = {DUMMIES[k][1]}" for k in sorted(required)])
   return gin.get_bindings("train")
