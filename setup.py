@@ -36,6 +36,15 @@ setuptools.setup(
             "hypothesis>=6.100,<7",
             "scipy>=1.11,<2",
         ],
+            "torch==2.13.0",  # CPU build; builds the reference Llama in tests/test_hf_convert.py
+            "transformers>=4.45,<6",
+            "safetensors>=0.4.3,<1",
+            "tokenizers>=0.20,<0.24",
+        ],
+        # Import/export of Hugging Face checkpoints and tokenizers (no torch needed).
+        "hf": [
+            "safetensors>=0.4.3,<1",
+            "tokenizers>=0.20,<0.24",
     },
     entry_points={
         "console_scripts": [

@@ -1,0 +1,47 @@
+"""Offline Tasks over an imported model's own tokenizer (for finetuning demos and tests).
+
+`imported_synthetic_task` registers one synthetic downstream task (addition,
+digit_sum, pointer; pause_flax.data.synthetic) tokenized with the imported
+model's tokenizer.json, as a standard Task: a run's NUM_PAUSES turns it into
+the pause variant (PauseVocabulary over HfTokenizerVocabulary). Your own Tasks
+do the same with `hf_checkpoint.imported_vocabulary(path)` as their vocabulary.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import gin
+import seqio
+
+from pause_flax import hf_checkpoint
+from pause_flax.data import synthetic
+
+
+def register_synthetic_task(vocabulary: seqio.Vocabulary, task: str = "addition",
+                            name: str | None = None) -> str:
+  """Registers synthetic `task` over `vocabulary` (replacing any earlier one); its name."""
+  if task not in synthetic.DOWNSTREAM_GENERATORS:
+    raise ValueError(f"task={task!r}; choose from {sorted(synthetic.DOWNSTREAM_GENERATORS)}.")
+  name = name or f"hf_synthetic_{task}"
+  seqio.TaskRegistry.remove(name)
+  seqio.TaskRegistry.add(
+      name,
+      source=seqio.FunctionDataSource(
+          functools.partial(synthetic.downstream_dataset_fn, task),
+          splits=tuple(synthetic.DOWNSTREAM_SPLIT_SIZES),
+          num_input_examples=synthetic.DOWNSTREAM_SPLIT_SIZES),
+      output_features={
+          "inputs": seqio.Feature(vocabulary, add_eos=False),
+          "targets": seqio.Feature(vocabulary, add_eos=True),
+      },
+      preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
+      postprocess_fn=synthetic.postprocess_answer,
+      metric_fns=[synthetic.exact_match])
+  return name
+
+
+@gin.configurable
+def imported_synthetic_task(imported: str, task: str = "addition") -> str:
+  """Registers synthetic `task` with the tokenizer of the import in `imported`; its name."""
+  return register_synthetic_task(hf_checkpoint.imported_vocabulary(imported), task)
