@@ -35,7 +35,6 @@ setuptools.setup(
             "pytest>=8,<10",
             "hypothesis>=6.100,<7",
             "scipy>=1.11,<2",
-        ],
             "torch==2.13.0",  # CPU build; builds the reference Llama in tests/test_hf_convert.py
             "transformers>=4.45,<6",
             "safetensors>=0.4.3,<1",
@@ -45,6 +44,7 @@ setuptools.setup(
         "hf": [
             "safetensors>=0.4.3,<1",
             "tokenizers>=0.20,<0.24",
+        ],
     },
     entry_points={
         "console_scripts": [
