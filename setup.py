@@ -28,6 +28,7 @@ setuptools.setup(
         "numpy>=1.26,<3",
         "matplotlib>=3.8,<4",
         "clu>=0.0.11,<0.1",
+        "importlib_resources>=5",  # tensorflow-datasets' epath resources
         "tensorboard>=2.16,<2.23",
     ],
     extras_require={

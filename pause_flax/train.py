@@ -38,6 +38,11 @@ flags.DEFINE_integer("num_processes", None,
                      "Processes in a multi-process run (env PAUSE_FLAX_NUM_PROCESSES).")
 flags.DEFINE_integer("process_id", None,
                      "This process's index (env PAUSE_FLAX_PROCESS_ID).")
+flags.DEFINE_integer("distributed_timeout", 120,
+                     "Seconds to wait for all processes to reach the coordinator.")
+flags.DEFINE_integer("heartbeat_timeout", 100,
+                     "Seconds without a heartbeat after which a process is declared "
+                     "dead and every other process stops with an error.")
 
 # gin edges: the library functions stay plain Python.
 train = gin.external_configurable(loop.train, "train")
@@ -46,6 +51,48 @@ make_optimizer = gin.external_configurable(optimizer_lib.make_optimizer, "make_o
 CheckpointOptions = gin.external_configurable(checkpointing.CheckpointOptions,
                                               "CheckpointOptions")
 del _transformer
+
+
+@gin.configurable("eval_during_training")
+def eval_hook(mesh: jax.sharding.Mesh, *, every: int = 0,
+              mixture_or_task_name: str | None = None,
+              num_pauses: Sequence[int] | int = 0,
+              feature_lengths: dict[str, int] | None = None,
+              batch_size: int = 32, num_examples: int | None = None,
+              split: str = "validation"):
+  """`train`'s eval_hook: the evaluator on the live model every `every` steps (0: off).
+
+  The hook runs at log steps: at the first one at or after each multiple of `every`.
+  """
+  if not every:
+    return None
+  if not mixture_or_task_name:
+    raise ValueError("eval_during_training.every is set: also set "
+                     "eval_during_training.mixture_or_task_name.")
+  from pause_flax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
+  ev = evaluator.Evaluator(mixture_or_task_name, batch_size=batch_size, mesh=mesh,
+                           feature_lengths=feature_lengths, split=split,
+                           num_examples=num_examples)
+  return evaluator.PeriodicEval(every, ev, [num_pauses] if isinstance(num_pauses, int)
+                                else num_pauses)
+
+
+@gin.configurable("register_tasks")
+def register_tasks(tfds_data_dir: str | None = None, spm_path: str | None = None) -> None:
+  """Re-registers C4 and the downstream tasks over a TFDS data_dir / vocabulary.
+
+  With neither set, the tasks registered at import (TFDS's default data_dir,
+  i.e. $TFDS_DATA_DIR, and T5's 32k SentencePiece model) are used as they are.
+  """
+  if tfds_data_dir is None and spm_path is None:
+    return
+  import seqio  # pylint: disable=g-import-not-at-top
+  from pause_flax.data import downstream  # pylint: disable=g-import-not-at-top
+  from pause_flax.data import tasks  # pylint: disable=g-import-not-at-top
+  spm_path = spm_path or tasks.DEFAULT_SPM_PATH
+  tasks.register_c4_tasks(tfds_data_dir, spm_path)
+  downstream.register_downstream_tasks(
+      data_dir=tfds_data_dir, vocabulary=seqio.SentencePieceVocabulary(spm_path))
 
 
 def initialize_distributed() -> None:
@@ -60,8 +107,17 @@ def initialize_distributed() -> None:
       raise ValueError(
           "A multi-process run needs --coordinator_address, --num_processes and "
           f"--process_id together; got {address!r}, {num!r}, {pid!r}.")
-    jax.distributed.initialize(coordinator_address=address, num_processes=int(num),
-                               process_id=int(pid))
+    try:
+      jax.distributed.initialize(coordinator_address=address, num_processes=int(num),
+                                 process_id=int(pid),
+                                 initialization_timeout=FLAGS.distributed_timeout,
+                                 heartbeat_timeout_seconds=FLAGS.heartbeat_timeout)
+    except Exception as e:  # pylint: disable=broad-except
+      raise RuntimeError(
+          f"Process {pid} of {num} could not join the coordinator at {address} within "
+          f"{FLAGS.distributed_timeout}s ({type(e).__name__}). Check that process 0 runs, "
+          "that the address is reachable from here, and that every process was given the "
+          "same --num_processes.") from e
   elif _on_cloud_tpu():
     jax.distributed.initialize()  # discovers the slice from the TPU metadata
 
@@ -87,9 +143,10 @@ def main(argv: Sequence[str]) -> None:
   absl_logging.get_absl_handler().addFilter(_QuietLibraries())
   initialize_distributed()
   gin_utils.parse_gin_flags()
+  mesh = make_mesh()
   try:
-    train(mesh=make_mesh(), optimizer=lambda schedule: make_optimizer(schedule),
-          config_str=gin.operative_config_str)
+    train(mesh=mesh, optimizer=lambda schedule: make_optimizer(schedule),
+          config_str=gin.operative_config_str, eval_hook=eval_hook(mesh))
   except loop.Preempted:
     sys.exit(loop.EXIT_PREEMPTED)
 

@@ -26,7 +26,7 @@ def cli(model_dir, steps=STEPS, devices=2, extra=()):
   cmd = [sys.executable, "-m", "pause_flax.train",
          "--gin_file=gin_configs/local/smoke_pause.gin",
          f"--gin.MODEL_DIR='{model_dir}'", f"--gin.TRAIN_STEPS={steps}",
-         "--gin.SAVE_EVERY=4", "--gin.train.log_every=1", "--gin.BATCH_SIZE=4",
+         "--gin.SAVE_EVERY=4", "--gin.train.log_every=1", "--gin.WARMUP_STEPS=5", "--gin.BATCH_SIZE=4",
          "--gin.TASK_FEATURE_LENGTHS={'targets': 64}",
          "--gin.pause_flax.model.transformer.model_config.max_len=64", *extra]
   return cmd, env
@@ -43,15 +43,21 @@ def losses(model_dir):
   return {r["step"]: r["loss"] for r in rows}
 
 
+def committed_steps(model_dir):
+  path = os.path.join(model_dir, "checkpoints")
+  return sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
+
+
 def start_and_signal(model_dir, at_step, sig):
-  """Starts a run and sends `sig` once metrics.jsonl has reached `at_step`."""
+  """Sends `sig` once the run has logged `at_step` and committed a checkpoint."""
   cmd, env = cli(model_dir)
   proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
   path = os.path.join(model_dir, "metrics.jsonl")
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
-    if os.path.exists(path) and max(losses(model_dir), default=0) >= at_step:
+    if (os.path.exists(path) and max(losses(model_dir), default=0) >= at_step
+        and committed_steps(model_dir)):
       break
     time.sleep(0.05)
   proc.send_signal(sig)
@@ -77,6 +83,7 @@ def test_kill_9_then_resume_is_bitwise_identical(reference, tmp_path, kill_at):
   code, _ = start_and_signal(model_dir, kill_at, signal.SIGKILL)
   assert code == -signal.SIGKILL
   killed_at = max(losses(model_dir))
+  assert committed_steps(model_dir)[-1] <= killed_at < STEPS
   result = run(model_dir)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Resumed from" in result.stderr
@@ -105,9 +112,11 @@ def test_sigterm_saves_exits_75_and_resumes(reference, tmp_path):
 @pytest.mark.slow
 def test_corrupt_newest_checkpoint_falls_back_with_warning(reference, tmp_path):
   model_dir = str(tmp_path)
-  assert run(model_dir, steps=12).returncode == 0
+  code, err = start_and_signal(model_dir, 10, signal.SIGTERM)
+  assert code == 75, err[-3000:]
   ckpt_dir = os.path.join(model_dir, "checkpoints")
-  newest = os.path.join(ckpt_dir, "12", "params")
+  stopped = committed_steps(model_dir)[-1]
+  newest = os.path.join(ckpt_dir, str(stopped), "params")
   for root, _, files in os.walk(newest):
     for name in files:
       path = os.path.join(root, name)
@@ -117,7 +126,7 @@ def test_corrupt_newest_checkpoint_falls_back_with_warning(reference, tmp_path):
   result = run(model_dir)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "unreadable" in result.stderr and "falling back" in result.stderr
-  assert os.path.isdir(os.path.join(ckpt_dir, "12.corrupt"))
+  assert os.path.isdir(os.path.join(ckpt_dir, f"{stopped}.corrupt"))
   got = losses(model_dir)
   assert all(got[s] == reference[s] for s in range(1, STEPS + 1))
 
@@ -165,11 +174,12 @@ def test_refuses_to_save_a_non_finite_state(tmp_path):
   ckpt.close()
 
 
-def test_standard_vocab_checkpoint_loads_into_pause_vocab(tmp_path):
+@pytest.mark.parametrize("base", [256, 259])  # padding grows (256 -> 384) or not (384)
+def test_standard_vocab_checkpoint_loads_into_pause_vocab(tmp_path, base):
   import dataclasses
   mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
-  std_cfg = dataclasses.replace(tt.CONFIG, vocab_size=256)       # padded 256
-  pause_cfg = dataclasses.replace(tt.CONFIG, vocab_size=257)     # padded 384
+  std_cfg = dataclasses.replace(tt.CONFIG, vocab_size=base)
+  pause_cfg = dataclasses.replace(tt.CONFIG, vocab_size=base + 1)
   tx = lambda: tt.optimizer_lib.make_optimizer(1e-3)
   std = trainer_lib.Trainer(std_cfg, tx(), mesh)
   std_state = std.init(1)
@@ -187,14 +197,33 @@ def test_standard_vocab_checkpoint_loads_into_pause_vocab(tmp_path):
   for path, new in flat_new.items():
     old = np.asarray(flat_old[path])
     new = np.asarray(new)
-    if new.shape == old.shape:
+    names = pause.param_logical_names[tuple(k.key for k in path)]
+    if names is None or "vocab" not in names:
       np.testing.assert_array_equal(new, old)
       continue
     saw_vocab += 1
-    axis = [a for a in range(new.ndim) if new.shape[a] != old.shape[a]][0]
-    np.testing.assert_array_equal(np.take(new, np.arange(256), axis=axis),
-                                  np.take(old, np.arange(256), axis=axis))
-    np.testing.assert_array_equal(np.take(new, [256], axis=axis),
-                                  np.take(np.asarray(flat_fresh[path]), [256], axis=axis))
+    axis = names.index("vocab")
+    np.testing.assert_array_equal(np.take(new, np.arange(base), axis=axis),
+                                  np.take(old, np.arange(base), axis=axis))
+    np.testing.assert_array_equal(np.take(new, [base], axis=axis),
+                                  np.take(np.asarray(flat_fresh[path]), [base], axis=axis))
   assert saw_vocab >= 1
   assert jax.tree.leaves(params)[0].sharding.mesh.shape == mesh.shape
+
+
+def test_checkpoint_of_another_model_is_refused_not_moved_aside(tmp_path):
+  import dataclasses
+  mesh = parallel.make_mesh(devices=jax.devices()[:1])
+  trainer, state, _ = _trained_state(mesh, steps=0)
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  ckpt.save(3, state.params, state.opt_state, None)
+  ckpt.wait()
+  other = trainer_lib.Trainer(dataclasses.replace(tt.CONFIG, d_model=32, num_heads=2),
+                              tt.optimizer_lib.make_optimizer(1e-3), mesh)
+  with pytest.raises(checkpointing.IncompatibleCheckpoint, match="different model"):
+    ckpt.restore_latest(
+        checkpointing.abstract_with_shardings(other.abstract_params, other.param_shardings),
+        checkpointing.abstract_with_shardings(other.abstract_state.opt_state,
+                                              other.state_shardings.opt_state), None)
+  assert ckpt.steps() == [3]
+  ckpt.close()

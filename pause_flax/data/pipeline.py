@@ -74,29 +74,49 @@ def check_feature_lengths(name: str, feature_lengths: Mapping[str, int],
 def get_dataset(name: str, feature_lengths: Mapping[str, int], global_batch_size: int, *,
                 split: str = "train", shuffle: bool = True, seed: int | None = 0,
                 pack: bool = False, num_epochs: int | None = None,
-                use_cached: bool = False,
-                shard_index: int | None = None, num_shards: int | None = None,
+                use_cached: bool = False, data_shards: int | None = None,
+                process_index: int | None = None, process_count: int | None = None,
                 ) -> tf.data.Dataset:
   """This process's batched tf.data pipeline of model features.
 
+  The source is split into `data_shards` seqio shards (default: one per
+  process); process p reads shards [p*k, (p+1)*k) with k = data_shards /
+  process_count and puts their rows side by side, so that the global batch
+  is the same whatever the number of processes reading it.
   `num_epochs=None` repeats forever (training); pass 1 for evaluation.
   """
   check_task_name(name)
-  num_shards = jax.process_count() if num_shards is None else num_shards
-  shard_index = jax.process_index() if shard_index is None else shard_index
-  if global_batch_size % num_shards:
+  process_count = jax.process_count() if process_count is None else process_count
+  process_index = jax.process_index() if process_index is None else process_index
+  data_shards = process_count if data_shards is None else data_shards
+  if global_batch_size % process_count:
     raise ValueError(
-        f"BATCH_SIZE={global_batch_size} is not divisible by the {num_shards} processes; "
-        f"use a multiple of {num_shards}.")
+        f"BATCH_SIZE={global_batch_size} is not divisible by the {process_count} processes; "
+        f"use a multiple of {process_count}.")
+  if data_shards % process_count or global_batch_size % data_shards:
+    raise ValueError(
+        f"data_shards={data_shards} must be a multiple of the {process_count} processes "
+        f"and divide BATCH_SIZE={global_batch_size}.")
+  per_process = data_shards // process_count
   converter = tasks_lib.get_feature_converter(name, pack=pack)
-  ds = seqio.get_dataset(
-      name, task_feature_lengths=dict(feature_lengths), dataset_split=split,
-      shuffle=shuffle, num_epochs=num_epochs, feature_converter=converter,
-      shard_info=seqio.ShardInfo(index=shard_index, num_shards=num_shards),
-      use_cached=use_cached, seed=seed)
-  keep = [k for k in MODEL_FEATURES if k in ds.element_spec]
-  ds = ds.map(lambda ex: {k: ex[k] for k in keep}, num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(global_batch_size // num_shards, drop_remainder=num_epochs is None)
+  shard_batch = global_batch_size // data_shards
+
+  def shard(index: int) -> tf.data.Dataset:
+    ds = seqio.get_dataset(
+        name, task_feature_lengths=dict(feature_lengths), dataset_split=split,
+        shuffle=shuffle, num_epochs=num_epochs, feature_converter=converter,
+        shard_info=seqio.ShardInfo(index=index, num_shards=data_shards),
+        use_cached=use_cached, seed=seed)
+    keep = [k for k in MODEL_FEATURES if k in ds.element_spec]
+    ds = ds.map(lambda ex: {k: ex[k] for k in keep}, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.batch(shard_batch, drop_remainder=num_epochs is None)
+
+  shards = [shard(process_index * per_process + j) for j in range(per_process)]
+  if len(shards) == 1:
+    ds = shards[0]
+  else:
+    ds = tf.data.Dataset.zip(tuple(shards)).map(
+        lambda *parts: {k: tf.concat([p[k] for p in parts], axis=0) for k in parts[0]})
   return ds.prefetch(tf.data.AUTOTUNE)
 
 

@@ -49,7 +49,7 @@ class DataIteratorHandler(ocp.CheckpointHandler):
   def restore(self, directory: epath.Path, args: "DataIteratorRestore") -> Any:
     prefix = os.fspath(directory / f"process_{jax.process_index()}" / "iterator")
     if not (directory / f"process_{jax.process_index()}").exists():
-      raise FileNotFoundError(
+      raise IncompatibleCheckpoint(
           f"No data-iterator state for process {jax.process_index()} in {directory}: the "
           "checkpoint was written by a run with a different number of processes.")
     args.item.restore(prefix)
@@ -69,6 +69,10 @@ class DataIteratorSave(ocp.args.CheckpointArgs):
 @dataclasses.dataclass
 class DataIteratorRestore(ocp.args.CheckpointArgs):
   item: Any
+
+
+class IncompatibleCheckpoint(ValueError):
+  """The checkpoint is intact but does not fit this run (model, processes)."""
 
 
 # -- helpers ------------------------------------------------------------------
@@ -113,6 +117,10 @@ class Checkpointer:
     self.options = options
     self.manager = ocp.CheckpointManager(
         self.directory,
+        item_handlers={PARAMS: ocp.StandardCheckpointHandler(),
+                       OPT_STATE: ocp.StandardCheckpointHandler(),
+                       META: ocp.JsonCheckpointHandler(),
+                       DATA: DataIteratorHandler()},
         options=ocp.CheckpointManagerOptions(
             save_interval_steps=options.save_every or 1,
             max_to_keep=options.keep,
@@ -162,6 +170,7 @@ class Checkpointer:
     aside with a warning and the previous one is tried.
     """
     for step in reversed(self.steps()):
+      self.check_compatible(step, abstract_params)
       try:
         args = {
             PARAMS: ocp.args.StandardRestore(abstract_params),
@@ -174,6 +183,8 @@ class Checkpointer:
         params, opt = restored[PARAMS], restored[OPT_STATE]
         if not all_finite(params) or not all_finite(opt["opt_state"]):
           raise ValueError("restored values are not finite")
+      except IncompatibleCheckpoint:
+        raise
       except Exception as e:  # pylint: disable=broad-except
         self._quarantine(step, e)
         continue
@@ -181,6 +192,29 @@ class Checkpointer:
         logging.warning("Resumed from step %d, an older checkpoint.", step)
       return step, params, opt["opt_state"]
     return None
+
+  def check_compatible(self, step: int, abstract_params: Any) -> None:
+    """Raises IncompatibleCheckpoint if `step` holds a different model.
+
+    A checkpoint of another architecture is not corrupt: it is never moved
+    aside, the run stops and says what differs.
+    """
+    try:
+      saved = self.manager.item_metadata(step)[PARAMS]
+    except Exception:  # pylint: disable=broad-except
+      return  # unreadable metadata: let the restore decide (corrupt)
+    if saved is None:
+      return
+    saved_shapes = {jax.tree_util.keystr(k): tuple(v.shape)
+                    for k, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
+    want_shapes = {jax.tree_util.keystr(k): tuple(v.shape)
+                   for k, v in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+    diff = sorted(set(saved_shapes.items()) ^ set(want_shapes.items()))
+    if diff:
+      raise IncompatibleCheckpoint(
+          f"The checkpoint at {self.directory / str(step)} holds a different model than this "
+          f"run configures (first differences: {diff[:4]}). Use a new MODEL_DIR, or restore "
+          "the model settings the checkpoint was made with.")
 
   def _quarantine(self, step: int, error: Exception) -> None:
     src = self.directory / str(step)
@@ -265,7 +299,7 @@ def load_params(path: str, trainer) -> Any:
                      f"architecture: {str(e).splitlines()[0][:300]}") from e
   finally:
     ckpt.close()
-  if saved_cfg.padded_vocab_size == new_cfg.padded_vocab_size:
+  if saved_cfg.vocab_size == new_cfg.vocab_size:
     return jax.device_put(old, trainer.param_shardings)
 
   fresh = trainer.init(0).params

@@ -68,6 +68,7 @@ def train(*, model_dir: str,
           z_loss: float = 0.0,
           seed: int = 0,
           data_seed: int = 0,
+          data_shards: int | None = None,
           log_every: int = 10,
           mesh: jax.sharding.Mesh | None = None,
           rules: parallel.LogicalRules = parallel.DEFAULT_RULES,
@@ -78,7 +79,8 @@ def train(*, model_dir: str,
           skip_nonfinite_updates: int = 0,
           optimizer=None,
           config_str=None,
-          extra_metrics_hook=None) -> list[dict]:
+          extra_metrics_hook=None,
+          eval_hook=None) -> list[dict]:
   """Trains a model on a Task or Mixture; returns the logged metric rows.
 
   `pause_fraction > 0` trains on the pretraining-form pause variant of the
@@ -86,6 +88,13 @@ def train(*, model_dir: str,
   finetuning form (M pauses appended to the prefix). `optimizer` maps a
   schedule to an optax transformation (default: `make_optimizer`);
   `config_str()` returns the text written to MODEL_DIR/config.gin.
+  At log steps, `extra_metrics_hook(step, state)` and `eval_hook(step,
+  model)` (the live model, e.g. `evaluator.PeriodicEval`) return metrics to
+  log. A pause-pretrained INIT_FROM finetuned with num_pauses=0 trains on the
+  task's pause form with 0 pauses, so its vocabulary keeps the pause row.
+  `data_shards` (default: the process count) fixes how the data source is
+  split; keeping it fixed gives the same global batches on any number of
+  processes that divides it.
   """
   mesh = parallel.make_mesh() if mesh is None else mesh
   _validate_run(model_dir, batch_size, train_steps, accum_steps, log_every, mesh, rules)
@@ -102,6 +111,10 @@ def train(*, model_dir: str,
     task_name = tasks_lib.pause_variant(task_name, fraction=pause_fraction, form="pretrain")
   elif num_pauses:
     task_name = tasks_lib.pause_variant(task_name, num_pauses=num_pauses, form="finetune")
+  elif init_from and (_init_from_vocab_size(init_from) or 0) > (
+      tasks_lib.get_vocabulary(task_name).vocab_size):
+    form = "finetune" if "inputs" in pipeline.task_features(task_name) else "pretrain"
+    task_name = tasks_lib.pause_variant(task_name, num_pauses=0, form=form)
   seq_len = pipeline.check_feature_lengths(task_name, task_feature_lengths,
                                            model_config.max_len)
   vocab = tasks_lib.get_vocabulary(task_name)
@@ -127,7 +140,7 @@ def train(*, model_dir: str,
         f.write(config_str())
 
   ds = pipeline.get_dataset(task_name, task_feature_lengths, batch_size, seed=data_seed,
-                            shuffle=True, pack=pack)
+                            shuffle=True, pack=pack, data_shards=data_shards)
   data_iter = pipeline.CheckpointableIterator(ds)
   ckpt = checkpointing.Checkpointer(os.path.join(model_dir, "checkpoints"),
                                     checkpoint_options)
@@ -146,6 +159,7 @@ def train(*, model_dir: str,
   finite_flags = []
   window_start, window_steps = time.perf_counter(), 0
   meta = {"vocab_size": model_config.vocab_size, "task": task_name,
+          "base_task": mixture_or_task_name, "num_pauses": num_pauses,
           "model_config": dataclasses.asdict(model_config)}
   try:
     for step in range(start_step, train_steps):
@@ -166,6 +180,8 @@ def train(*, model_dir: str,
         metrics["mfu"] = flops_per_step / step_time / peak
         if extra_metrics_hook is not None:
           metrics.update(extra_metrics_hook(done, state))
+        if eval_hook is not None:
+          metrics.update(eval_hook(done, trainer.model(state.params)))
         rows.append(logger.write(done, metrics))
       preempted = stop.requested()
       if ckpt.should_save(done) or done == train_steps or preempted:
@@ -261,6 +277,19 @@ def _initial_state(trainer: trainer_lib.Trainer, ckpt: checkpointing.Checkpointe
     state = trainer.fresh_state(params)
     logging.info("Initialised parameters from %s (optimizer state fresh).", init_from)
   return state
+
+
+def _init_from_vocab_size(init_from: str) -> int | None:
+  """The vocabulary size INIT_FROM's newest checkpoint records (None: none yet)."""
+  directory, step = checkpointing._resolve(init_from)  # pylint: disable=protected-access
+  ckpt = checkpointing.Checkpointer(directory,
+                                    checkpointing.CheckpointOptions(async_save=False))
+  try:
+    if not ckpt.steps():
+      return None
+    return int(ckpt.read_meta(step)["vocab_size"])
+  finally:
+    ckpt.close()
 
 
 def tf_gfile_makedirs(path: str) -> None:
