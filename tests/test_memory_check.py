@@ -26,7 +26,8 @@ def test_parse_mesh_and_env():
   assert memory_check.parse_mesh("fsdp=8") == {"data": 1, "fsdp": 8, "tensor": 1}
   with pytest.raises(ValueError, match="AXIS=INT"):
     memory_check.parse_mesh("model=2")
-  env = memory_check.cpu_env(32, {"XLA_FLAGS": "--xla_foo --xla_force_host_platform_device_count=8"})
+  flags = "--xla_foo --xla_force_host_platform_device_count=8"
+  env = memory_check.cpu_env(32, {"XLA_FLAGS": flags})
   assert env["XLA_FLAGS"] == "--xla_foo --xla_force_host_platform_device_count=32"
   assert env["JAX_PLATFORMS"] == "cpu"
 
