@@ -482,8 +482,9 @@ def export_checkpoint(checkpoint: str, out: str, *, imported: str | None = None,
   os.makedirs(out, exist_ok=True)
   tensors = hf_from_params(params, config, dtype)
   save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
-  hf_config = {**info["hf_config"], "vocab_size": config.vocab_size, "dtype": dtype}
-  hf_config.pop("torch_dtype", None)
+  # transformers 5 writes 'dtype', 4 wrote 'torch_dtype': keep the source's key.
+  dtype_key = "dtype" if "dtype" in info["hf_config"] else "torch_dtype"
+  hf_config = {**info["hf_config"], "vocab_size": config.vocab_size, dtype_key: dtype}
   _write_json(os.path.join(out, "config.json"), hf_config)
 
   files_dir = os.path.join(imported, HF_FILES_DIR)

@@ -296,6 +296,7 @@ def test_pause_finetune_through_gin_then_export(imported_untied, vocab_size, tmp
   losses = [r["loss"] for r in rows]
   assert np.all(np.isfinite(losses)) and len(losses) == 6
   assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
+  print("finetune losses:", " ".join(f"{x:.3f}" for x in losses))
 
   export_dir = str(tmp_path / "hf_pause")
   hf_config = hf_checkpoint.export_checkpoint(model_dir, export_dir, imported=out)
