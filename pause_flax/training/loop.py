@@ -182,6 +182,7 @@ def train(*, model_dir: str,
           metrics.update(extra_metrics_hook(done, state))
         if eval_hook is not None:
           metrics.update(eval_hook(done, trainer.model(state.params)))
+          window_start = time.perf_counter()  # evaluation time is not step time
         rows.append(logger.write(done, metrics))
       preempted = stop.requested()
       if ckpt.should_save(done) or done == train_steps or preempted:
