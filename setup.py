@@ -50,6 +50,8 @@ setuptools.setup(
     entry_points={
         "console_scripts": [
             "pause-flax-train=pause_flax.train:console_main",
+            "pause-flax-grid=pause_flax.grid:console_main",
+            "pause-flax-eval=pause_flax.eval:console_main",
         ],
     },
     include_package_data=True,

@@ -18,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TPU_POD = os.path.join(REPO, "launch", "tpu_pod.py")
 LOCAL = os.path.join(REPO, "launch", "local.py")
 LOCAL_SH = os.path.join(REPO, "launch", "local_multiprocess.sh")
-GIN_FILE = "gin_configs/paper/pause_pretrain_130m.gin"
+GIN_FILE = "gin_configs/paper/pretrain_pause_130m.gin"
 MODEL_DIR = "gs://bucket/run"
 
 

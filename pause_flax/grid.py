@@ -1,0 +1,294 @@
+r"""The paper's four-way grid in one command, with a filler control and seed statistics.
+
+  python -m pause_flax.grid --gin_file=gin_configs/local/grid.gin \
+    --gin.GRID_DIR="'/tmp/pause_grid'"
+
+1. Pretraining: a standard model and a pause model (pauses injected at
+   PAUSE_FRACTION) on the same corpus, steps and seed.
+2. Finetuning, for every task and every seed, from each pretrained model:
+     StdPT_StdFT      standard pretraining, standard finetuning (the baseline)
+     StdPT_PauseFT    standard pretraining, M_ft pauses after the prefix
+     PausePT_StdFT    pause pretraining, standard finetuning
+     PausePT_PauseFT  pause pretraining, M_ft pauses
+     StdPT_FillerFT   control: an ordinary token (e.g. '.') where the pauses go
+   Every finetuned model has a `<pause>` row (an untrained one for the standard
+   variants) so that each can be evaluated with any number of pauses.
+3. Evaluation on the task's validation split at every M_inf of the sweep
+   (pauses, or the filler token for the filler control), greedy decoding.
+
+Every cell writes `cells/<task>/<variant>/seed<k>.json` when done and is
+skipped when that file exists, and every run resumes from its checkpoints, so
+an interrupted grid finishes only what is missing and gives the same table as
+an uninterrupted one. Results: `results.md`, `results.json`,
+`loss_curves.png`, `m_inf_<task>.png`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from absl import flags
+from absl import logging
+import gin
+import jax
+
+from pause_flax import gin_utils
+from pause_flax import parallel
+from pause_flax import train as train_cli  # gin edges shared with training (make_mesh, ...)
+from pause_flax.evaluation import stats
+from pause_flax.model import transformer as transformer_lib
+from pause_flax.training import checkpointing
+from pause_flax.training import loop
+
+BASELINE = "StdPT_StdFT"
+VARIANTS = ("StdPT_StdFT", "StdPT_PauseFT", "PausePT_StdFT", "PausePT_PauseFT",
+            "StdPT_FillerFT")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """How one training stage runs (pretraining or finetuning)."""
+  steps: int
+  batch_size: int
+  learning_rate: float
+  warmup_steps: int = 0
+  feature_lengths: Mapping[str, int] | None = None  # default: the task's
+
+
+def _variant_spec(variant: str) -> tuple[str, str]:
+  pretrain, finetune = variant.split("_")
+  return pretrain, finetune
+
+
+def _finetune_task(task: str, finetune: str, num_pauses: int, filler_id: int) -> str:
+  from pause_flax.data import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
+  if finetune == "StdFT":   # pause vocabulary, no pauses: the model has an (unused) pause row
+    return tasks_lib.pause_variant(task, form="finetune", num_pauses=0)
+  if finetune == "PauseFT":
+    return tasks_lib.pause_variant(task, form="finetune", num_pauses=num_pauses)
+  return tasks_lib.filler_variant(task, filler_id=filler_id, form="finetune",
+                                  num_pauses=num_pauses)
+
+
+def _read_json(path: str) -> Any:
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _finetune_lengths(base: Mapping[str, int], finetune: str, num_pauses: int
+                      ) -> dict[str, int]:
+  """The prefix keeps its full length; pauses (or fillers) get room of their own."""
+  lengths = dict(base)
+  if finetune != "StdFT":
+    lengths["inputs"] += num_pauses
+  return lengths
+
+
+def _read_jsonl(model_dir: str) -> list[dict]:
+  with open(os.path.join(model_dir, "metrics.jsonl"), encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _write_json(path: str, value: Any) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(value, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)   # a cell is either complete or absent
+
+
+def run_grid(grid_dir: str, *, model_config: transformer_lib.TransformerConfig,
+             pretrain_task: str, pretrain: Stage, tasks: Sequence[str], finetune: Stage,
+             seeds: Sequence[int], num_pauses: int, pause_fraction: float = 0.1,
+             m_inf_sweep: Sequence[int] = (0, 1, 2, 5, 10), filler_text: str = ".",
+             variants: Sequence[str] = VARIANTS, eval_batch_size: int = 128,
+             eval_examples: int | None = None, metric: str | None = None,
+             confidence: float = 0.95, keep_checkpoints: bool = False,
+             mesh: jax.sharding.Mesh | None = None) -> dict:
+  """Runs (or completes) the grid and writes its results; returns the results dict."""
+  from pause_flax.data import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
+  from pause_flax.evaluation import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
+  from pause_flax.evaluation import grid_plots  # pylint: disable=g-import-not-at-top
+
+  unknown = [v for v in variants if v not in VARIANTS]
+  if unknown or BASELINE not in variants:
+    raise ValueError(f"variants={list(variants)}: choose from {VARIANTS}, the baseline "
+                     f"{BASELINE} included.")
+  if len(seeds) < 2 or len(set(seeds)) != len(seeds):
+    raise ValueError(f"seeds={list(seeds)}: give at least two distinct seeds (eight or more "
+                     "to tell a few points from seed noise).")
+  if num_pauses < 1 or num_pauses not in m_inf_sweep or 0 not in m_inf_sweep:
+    raise ValueError(f"NUM_PAUSES={num_pauses} must be >= 1 and the sweep {list(m_inf_sweep)} "
+                     "must contain both 0 and NUM_PAUSES.")
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  os.makedirs(grid_dir, exist_ok=True)
+  # Each run compiles the same programs: a persistent cache turns repeats into hits.
+  jax.config.update("jax_compilation_cache_dir", os.path.join(grid_dir, "xla_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+  # 1. pretraining ----------------------------------------------------------------
+  pretrained = {}
+  for kind, fraction in (("StdPT", 0.0), ("PausePT", pause_fraction)):
+    if not any(_variant_spec(v)[0] == kind for v in variants):
+      continue
+    model_dir = os.path.join(grid_dir, "pretrain", kind)
+    pretrained[kind] = model_dir
+    if os.path.exists(os.path.join(model_dir, "done.json")):
+      continue
+    logging.info("Grid: pretraining %s.", kind)
+    loop.train(model_dir=model_dir, mixture_or_task_name=pretrain_task,
+               task_feature_lengths=pretrain.feature_lengths
+               or tasks_lib.default_task_feature_lengths(pretrain_task),
+               train_steps=pretrain.steps, batch_size=pretrain.batch_size,
+               model_config=model_config, pause_fraction=fraction,
+               learning_rate=pretrain.learning_rate, warmup_steps=pretrain.warmup_steps,
+               seed=0, data_seed=0, log_every=max(1, pretrain.steps // 50), mesh=mesh)
+    _write_json(os.path.join(model_dir, "done.json"), {"steps": pretrain.steps})
+
+  # 2 + 3. finetuning and evaluation ------------------------------------------------
+  evaluators: dict[str, Any] = {}
+  for task in tasks:
+    vocab = tasks_lib.get_vocabulary(task)
+    filler_ids = vocab.encode(filler_text)
+    if len(filler_ids) != 1:
+      raise ValueError(f"filler_text={filler_text!r} is {len(filler_ids)} tokens in {task}'s "
+                       "vocabulary; choose a single-token filler.")
+    base_lengths = dict(finetune.feature_lengths or
+                        tasks_lib.default_task_feature_lengths(task))
+    for variant in variants:
+      pt, ft = _variant_spec(variant)
+      ft_task = _finetune_task(task, ft, num_pauses, filler_ids[0])
+      for seed in seeds:
+        cell = os.path.join(grid_dir, "cells", task, variant, f"seed{seed}.json")
+        if os.path.exists(cell):
+          continue
+        model_dir = os.path.join(grid_dir, "finetune", task, variant, f"seed{seed}")
+        logging.info("Grid: %s %s seed %d.", task, variant, seed)
+        rows = loop.train(
+            model_dir=model_dir, mixture_or_task_name=ft_task,
+            task_feature_lengths=_finetune_lengths(base_lengths, ft, num_pauses),
+            train_steps=finetune.steps, batch_size=finetune.batch_size,
+            model_config=model_config, learning_rate=finetune.learning_rate,
+            warmup_steps=finetune.warmup_steps, seed=seed, data_seed=seed,
+            log_every=max(1, finetune.steps // 20), mesh=mesh,
+            init_from=pretrained[pt])
+        key = task if ft != "FillerFT" else ft_task
+        if key not in evaluators:
+          evaluators[key] = evaluator_lib.Evaluator(
+              key, batch_size=eval_batch_size, mesh=mesh, num_examples=eval_examples,
+              feature_lengths=base_lengths)
+        ckpt = evaluator_lib.load_checkpoint(model_dir, mesh)
+        by_m = {}
+        for m in m_inf_sweep:
+          (result,) = evaluators[key].evaluate(ckpt.model, m).values()
+          by_m[str(m)] = result.metrics
+        final_loss = (rows[-1] if rows else _read_jsonl(model_dir)[-1])["loss"]
+        _write_json(cell, {"task": task, "variant": variant, "seed": seed,
+                           "finetune_task": ft_task, "final_loss": final_loss,
+                           "metrics": by_m})
+        if not keep_checkpoints:
+          shutil.rmtree(os.path.join(model_dir, "checkpoints"), ignore_errors=True)
+
+  results = collect(grid_dir, tasks, variants, seeds, num_pauses, m_inf_sweep, metric,
+                    confidence)
+  _write_json(os.path.join(grid_dir, "results.json"), results)
+  with open(os.path.join(grid_dir, "results.md"), "w", encoding="utf-8") as f:
+    f.write(results_markdown(results))
+  grid_plots.write(grid_dir, results)
+  return results
+
+
+def own_m_inf(variant: str, num_pauses: int) -> int:
+  """The M_inf a variant is evaluated at in the main table: its M_ft (0 for StdFT)."""
+  return 0 if _variant_spec(variant)[1] == "StdFT" else num_pauses
+
+
+def collect(grid_dir: str, tasks: Sequence[str], variants: Sequence[str],
+            seeds: Sequence[int], num_pauses: int, m_inf_sweep: Sequence[int],
+            metric: str | None, confidence: float) -> dict:
+  """Per task: each variant's mean/std over seeds and its paired difference."""
+  out = {"num_pauses": num_pauses, "seeds": list(seeds), "m_inf_sweep": list(m_inf_sweep),
+         "confidence": confidence, "tasks": {}}
+  for task in tasks:
+    cells = {v: {s: _read_json(os.path.join(grid_dir, "cells", task, v, f"seed{s}.json"))
+                 for s in seeds} for v in variants}
+    first = next(iter(cells[BASELINE].values()))["metrics"]["0"]
+    name = metric or sorted(first)[0]
+    if name not in first:
+      raise ValueError(f"metric={name!r} is not among {sorted(first)} for {task}.")
+
+    def values(variant: str, m: int) -> dict[int, float]:
+      return {s: cells[variant][s]["metrics"][str(m)][name] for s in seeds}
+
+    base = values(BASELINE, 0)
+    rows = {}
+    for v in variants:
+      own = values(v, own_m_inf(v, num_pauses))
+      summary = stats.summarize(list(own.values()))
+      row = {"m_inf": own_m_inf(v, num_pauses), "mean": summary.mean, "std": summary.std,
+             "per_seed": own,
+             "sweep": {str(m): dataclasses.asdict(stats.summarize(list(values(v, m).values())))
+                       for m in m_inf_sweep}}
+      if v != BASELINE:
+        d = stats.paired_difference(own, base, confidence)
+        row["diff"] = {"mean": d.mean, "low": d.low, "high": d.high,
+                       "significant": d.significant}
+      rows[v] = row
+    out["tasks"][task] = {"metric": name, "variants": rows}
+  return out
+
+
+def results_markdown(results: dict) -> str:
+  n = len(results["seeds"])
+  conf = int(round(100 * results["confidence"]))
+  lines = [f"# Pause grid: {n} finetuning seeds, M_ft = {results['num_pauses']}", ""]
+  for task, block in results["tasks"].items():
+    lines += [f"## {task} ({block['metric']})", "",
+              f"| variant | M_inf | mean ± std | Δ vs {BASELINE} [{conf}% paired CI] |",
+              "| --- | --- | --- | --- |"]
+    for v, row in block["variants"].items():
+      diff = row.get("diff")
+      cell = "—" if diff is None else (
+          f"{diff['mean']:+.2f} [{diff['low']:+.2f}, {diff['high']:+.2f}]"
+          + (" **significant**" if diff["significant"] else ""))
+      lines.append(f"| {v} | {row['m_inf']} | {row['mean']:.2f} ± {row['std']:.2f} | {cell} |")
+    sweep = results["m_inf_sweep"]
+    lines += ["", "M_inf sweep (mean ± std over seeds):", "",
+              "| variant | " + " | ".join(f"M_inf={m}" for m in sweep) + " |",
+              "| --- |" + " --- |" * len(sweep)]
+    for v, row in block["variants"].items():
+      lines.append(f"| {v} | " + " | ".join(
+          f"{row['sweep'][str(m)]['mean']:.2f} ± {row['sweep'][str(m)]['std']:.2f}"
+          for m in sweep) + " |")
+    lines.append("")
+  return "\n".join(lines)
+
+
+# -- CLI ------------------------------------------------------------------------------
+
+FLAGS = flags.FLAGS
+run_grid_configurable = gin.external_configurable(run_grid, "run_grid")
+gin.external_configurable(Stage, "Stage")
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise flags.Error(f"Unexpected arguments: {argv[1:]}")
+  gin_utils.parse_gin_flags()
+  train_cli.register_tasks()
+  results = run_grid_configurable(mesh=train_cli.make_mesh())
+  print(results_markdown(results))
+
+
+def console_main() -> None:
+  """Console-script entry (pause-flax-grid)."""
+  gin_utils.run(main)
+
+
+if __name__ == "__main__":
+  console_main()
