@@ -1,0 +1,111 @@
+"""The experiment grid: table and statistics, resume after a kill, reproducibility."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pause_flax import grid
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASK = "synthetic_digit_sum"
+
+
+def write_cell(root, variant, seed, by_m):
+  path = os.path.join(root, "cells", TASK, variant, f"seed{seed}.json")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump({"metrics": {str(m): {"exact_match": v} for m, v in by_m.items()}}, f)
+
+
+def test_table_reports_spread_and_paired_intervals(tmp_path):
+  seeds = [0, 1, 2, 3]
+  base = [50.0, 52.0, 48.0, 51.0]
+  for s in seeds:
+    write_cell(tmp_path, "StdPT_StdFT", s, {0: base[s], 4: base[s] - 10})
+    write_cell(tmp_path, "PausePT_PauseFT", s, {0: 5.0, 4: base[s] + 6 + 0.1 * s})
+    write_cell(tmp_path, "StdPT_FillerFT", s, {0: 5.0, 4: base[s] + (1 if s % 2 else -1)})
+  variants = ["StdPT_StdFT", "PausePT_PauseFT", "StdPT_FillerFT"]
+  results = grid.collect(str(tmp_path), [TASK], variants, seeds, 4, [0, 4], None, 0.95)
+  rows = results["tasks"][TASK]["variants"]
+  assert rows["StdPT_StdFT"]["m_inf"] == 0 and rows["PausePT_PauseFT"]["m_inf"] == 4
+  assert rows["StdPT_StdFT"]["mean"] == pytest.approx(50.25)
+  assert rows["PausePT_PauseFT"]["diff"]["significant"]
+  assert rows["PausePT_PauseFT"]["diff"]["mean"] == pytest.approx(6.15)
+  assert not rows["StdPT_FillerFT"]["diff"]["significant"]
+  assert rows["StdPT_StdFT"]["sweep"]["4"]["mean"] == pytest.approx(40.25)
+  table = grid.results_markdown(results)
+  assert "| PausePT_PauseFT | 4 | 56.40 ± " in table and "**significant**" in table
+  assert table.count("**significant**") == 1
+
+
+def test_bad_settings_are_refused():
+  cfg = grid.transformer_lib.model_config("tiny")
+  stage = grid.Stage(steps=1, batch_size=8, learning_rate=1e-3)
+  kw = dict(model_config=cfg, pretrain_task="synthetic_lm", pretrain=stage, tasks=[TASK],
+            finetune=stage, num_pauses=2, m_inf_sweep=[0, 2])
+  with pytest.raises(ValueError, match="at least two distinct seeds"):
+    grid.run_grid("/nonexistent", seeds=[0], **kw)
+  with pytest.raises(ValueError, match="choose from"):
+    grid.run_grid("/nonexistent", seeds=[0, 1], variants=["StdPT_StdFT", "Bogus"], **kw)
+  with pytest.raises(ValueError, match="must contain both 0 and NUM_PAUSES"):
+    grid.run_grid("/nonexistent", seeds=[0, 1], **{**kw, "m_inf_sweep": [0, 1]})
+
+
+def cli(grid_dir):
+  cmd = [sys.executable, "-m", "pause_flax.grid", "--gin_file=gin_configs/local/grid.gin",
+         f"--gin.GRID_DIR='{grid_dir}'", "--gin.SEEDS=[0, 1]", "--gin.NUM_PAUSES=2",
+         "--gin.run_grid.m_inf_sweep=[0, 2]", f"--gin.run_grid.tasks=['{TASK}']",
+         "--gin.run_grid.variants=['StdPT_StdFT', 'PausePT_PauseFT', 'StdPT_FillerFT']",
+         "--gin.run_grid.eval_examples=32", "--gin.run_grid.eval_batch_size=32",
+         "--gin.pretrain/Stage.steps=12", "--gin.pretrain/Stage.warmup_steps=2",
+         "--gin.pretrain/Stage.feature_lengths={'targets': 64}",
+         "--gin.finetune/Stage.steps=6", "--gin.finetune/Stage.warmup_steps=1",
+         "--gin.finetune/Stage.batch_size=8"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+  return cmd, env
+
+
+def cells(grid_dir):
+  root = os.path.join(grid_dir, "cells")
+  return sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
+                if f.endswith(".json"))
+
+
+@pytest.mark.slow
+def test_grid_runs_resumes_after_a_kill_and_reproduces_exactly(tmp_path):
+  full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+  cmd, env = cli(full)
+  result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert len(cells(full)) == 6
+  for name in ("results.md", "results.json", "loss_curves.png", f"m_inf_{TASK}.png"):
+    assert os.path.getsize(os.path.join(full, name)) > 0, name
+  table = open(os.path.join(full, "results.md")).read()
+  for variant in ("StdPT_StdFT", "PausePT_PauseFT", "StdPT_FillerFT"):
+    assert f"| {variant} |" in table
+
+  cmd, env = cli(killed)
+  proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 600
+  while time.time() < deadline and len(cells(killed)) < 2 and proc.poll() is None:
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  done_before = len(cells(killed))
+  assert 2 <= done_before < 6
+  result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  trained = result.stderr.count(f"Grid: {TASK} ")
+  assert trained == 6 - done_before, (trained, done_before)
+  with open(os.path.join(full, "results.json")) as a, \
+       open(os.path.join(killed, "results.json")) as b:
+    assert json.load(a) == json.load(b)
