@@ -58,6 +58,13 @@ class Stage:
   learning_rate: float
   warmup_steps: int = 0
   feature_lengths: Mapping[str, int] | None = None  # default: the task's
+  z_loss: float = 0.0
+  accum_steps: int = 1
+
+  def train_kwargs(self) -> dict:
+    return dict(train_steps=self.steps, batch_size=self.batch_size,
+                learning_rate=self.learning_rate, warmup_steps=self.warmup_steps,
+                z_loss=self.z_loss, accum_steps=self.accum_steps)
 
 
 def _variant_spec(variant: str) -> tuple[str, str]:
@@ -104,10 +111,12 @@ def _write_json(path: str, value: Any) -> None:
 
 def run_grid(grid_dir: str, *, model_config: transformer_lib.TransformerConfig,
              pretrain_task: str, pretrain: Stage, tasks: Sequence[str], finetune: Stage,
-             seeds: Sequence[int], num_pauses: int, pause_fraction: float = 0.1,
+             seeds: Sequence[int], num_pauses: int | Mapping[str, int],
+             pause_fraction: float = 0.1,
              m_inf_sweep: Sequence[int] = (0, 1, 2, 5, 10), filler_text: str = ".",
              variants: Sequence[str] = VARIANTS, eval_batch_size: int = 128,
-             eval_examples: int | None = None, metric: str | None = None,
+             eval_examples: int | None = None,
+             metric: str | Mapping[str, str] | None = None,
              confidence: float = 0.95, keep_checkpoints: bool = False,
              mesh: jax.sharding.Mesh | None = None) -> dict:
   """Runs (or completes) the grid and writes its results; returns the results dict."""
@@ -122,9 +131,13 @@ def run_grid(grid_dir: str, *, model_config: transformer_lib.TransformerConfig,
   if len(seeds) < 2 or len(set(seeds)) != len(seeds):
     raise ValueError(f"seeds={list(seeds)}: give at least two distinct seeds (eight or more "
                      "to tell a few points from seed noise).")
-  if num_pauses < 1 or num_pauses not in m_inf_sweep or 0 not in m_inf_sweep:
-    raise ValueError(f"NUM_PAUSES={num_pauses} must be >= 1 and the sweep {list(m_inf_sweep)} "
-                     "must contain both 0 and NUM_PAUSES.")
+  m_ft = (dict(num_pauses) if isinstance(num_pauses, Mapping)
+          else {t: num_pauses for t in tasks})
+  for task in tasks:
+    m = m_ft.get(task)
+    if m is None or m < 1 or m not in m_inf_sweep or 0 not in m_inf_sweep:
+      raise ValueError(f"NUM_PAUSES={num_pauses} for {task}: M_ft must be >= 1 and the sweep "
+                       f"{list(m_inf_sweep)} must contain both 0 and M_ft.")
   mesh = parallel.make_mesh() if mesh is None else mesh
   os.makedirs(grid_dir, exist_ok=True)
   # Each run compiles the same programs: a persistent cache turns repeats into hits.
@@ -144,10 +157,9 @@ def run_grid(grid_dir: str, *, model_config: transformer_lib.TransformerConfig,
     loop.train(model_dir=model_dir, mixture_or_task_name=pretrain_task,
                task_feature_lengths=pretrain.feature_lengths
                or tasks_lib.default_task_feature_lengths(pretrain_task),
-               train_steps=pretrain.steps, batch_size=pretrain.batch_size,
-               model_config=model_config, pause_fraction=fraction,
-               learning_rate=pretrain.learning_rate, warmup_steps=pretrain.warmup_steps,
-               seed=0, data_seed=0, log_every=max(1, pretrain.steps // 50), mesh=mesh)
+               model_config=model_config, pause_fraction=fraction, seed=0, data_seed=0,
+               log_every=max(1, min(100, pretrain.steps // 50)), mesh=mesh,
+               **pretrain.train_kwargs())
     _write_json(os.path.join(model_dir, "done.json"), {"steps": pretrain.steps})
 
   # 2 + 3. finetuning and evaluation ------------------------------------------------
@@ -162,7 +174,7 @@ def run_grid(grid_dir: str, *, model_config: transformer_lib.TransformerConfig,
                         tasks_lib.default_task_feature_lengths(task))
     for variant in variants:
       pt, ft = _variant_spec(variant)
-      ft_task = _finetune_task(task, ft, num_pauses, filler_ids[0])
+      ft_task = _finetune_task(task, ft, m_ft[task], filler_ids[0])
       for seed in seeds:
         cell = os.path.join(grid_dir, "cells", task, variant, f"seed{seed}.json")
         if os.path.exists(cell):
@@ -171,12 +183,10 @@ def run_grid(grid_dir: str, *, model_config: transformer_lib.TransformerConfig,
         logging.info("Grid: %s %s seed %d.", task, variant, seed)
         rows = loop.train(
             model_dir=model_dir, mixture_or_task_name=ft_task,
-            task_feature_lengths=_finetune_lengths(base_lengths, ft, num_pauses),
-            train_steps=finetune.steps, batch_size=finetune.batch_size,
-            model_config=model_config, learning_rate=finetune.learning_rate,
-            warmup_steps=finetune.warmup_steps, seed=seed, data_seed=seed,
-            log_every=max(1, finetune.steps // 20), mesh=mesh,
-            init_from=pretrained[pt])
+            task_feature_lengths=_finetune_lengths(base_lengths, ft, m_ft[task]),
+            model_config=model_config, seed=seed, data_seed=seed,
+            log_every=max(1, min(100, finetune.steps // 20)), mesh=mesh,
+            init_from=pretrained[pt], **finetune.train_kwargs())
         key = task if ft != "FillerFT" else ft_task
         if key not in evaluators:
           evaluators[key] = evaluator_lib.Evaluator(
@@ -194,8 +204,7 @@ def run_grid(grid_dir: str, *, model_config: transformer_lib.TransformerConfig,
         if not keep_checkpoints:
           shutil.rmtree(os.path.join(model_dir, "checkpoints"), ignore_errors=True)
 
-  results = collect(grid_dir, tasks, variants, seeds, num_pauses, m_inf_sweep, metric,
-                    confidence)
+  results = collect(grid_dir, tasks, variants, seeds, m_ft, m_inf_sweep, metric, confidence)
   _write_json(os.path.join(grid_dir, "results.json"), results)
   with open(os.path.join(grid_dir, "results.md"), "w", encoding="utf-8") as f:
     f.write(results_markdown(results))
@@ -209,16 +218,22 @@ def own_m_inf(variant: str, num_pauses: int) -> int:
 
 
 def collect(grid_dir: str, tasks: Sequence[str], variants: Sequence[str],
-            seeds: Sequence[int], num_pauses: int, m_inf_sweep: Sequence[int],
-            metric: str | None, confidence: float) -> dict:
-  """Per task: each variant's mean/std over seeds and its paired difference."""
-  out = {"num_pauses": num_pauses, "seeds": list(seeds), "m_inf_sweep": list(m_inf_sweep),
+            seeds: Sequence[int], m_ft: Mapping[str, int], m_inf_sweep: Sequence[int],
+            metric: str | Mapping[str, str] | None, confidence: float) -> dict:
+  """Per task: each variant's mean/std over seeds and its paired difference.
+
+  `metric` names the metric to tabulate, for all tasks or per task (default:
+  the alphabetically first one the task reports).
+  """
+  out = {"seeds": list(seeds), "m_inf_sweep": list(m_inf_sweep),
          "confidence": confidence, "tasks": {}}
   for task in tasks:
+    num_pauses = m_ft[task]
     cells = {v: {s: _read_json(os.path.join(grid_dir, "cells", task, v, f"seed{s}.json"))
                  for s in seeds} for v in variants}
     first = next(iter(cells[BASELINE].values()))["metrics"]["0"]
-    name = metric or sorted(first)[0]
+    name = metric.get(task) if isinstance(metric, Mapping) else metric
+    name = name or sorted(first)[0]
     if name not in first:
       raise ValueError(f"metric={name!r} is not among {sorted(first)} for {task}.")
 
@@ -239,16 +254,16 @@ def collect(grid_dir: str, tasks: Sequence[str], variants: Sequence[str],
         row["diff"] = {"mean": d.mean, "low": d.low, "high": d.high,
                        "significant": d.significant}
       rows[v] = row
-    out["tasks"][task] = {"metric": name, "variants": rows}
+    out["tasks"][task] = {"metric": name, "num_pauses": num_pauses, "variants": rows}
   return out
 
 
 def results_markdown(results: dict) -> str:
   n = len(results["seeds"])
   conf = int(round(100 * results["confidence"]))
-  lines = [f"# Pause grid: {n} finetuning seeds, M_ft = {results['num_pauses']}", ""]
+  lines = [f"# Pause grid: {n} finetuning seeds", ""]
   for task, block in results["tasks"].items():
-    lines += [f"## {task} ({block['metric']})", "",
+    lines += [f"## {task} ({block['metric']}, M_ft = {block['num_pauses']})", "",
               f"| variant | M_inf | mean ± std | Δ vs {BASELINE} [{conf}% paired CI] |",
               "| --- | --- | --- | --- |"]
     for v, row in block["variants"].items():

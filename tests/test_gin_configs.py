@@ -25,8 +25,8 @@ from pause_flax.training import optimizer as optimizer_lib
 
 # The CLI entry points register the configurables their gin files bind.
 cli = importlib.import_module("pause_flax.train")
-if importlib.util.find_spec("pause_flax.eval") is not None:
-  importlib.import_module("pause_flax.eval")
+importlib.import_module("pause_flax.eval")
+grid = importlib.import_module("pause_flax.grid")
 
 GIN_ROOT = os.path.join(gin_utils.REPO_ROOT, "gin_configs")
 GIN_FILES = sorted(os.path.relpath(p, gin_utils.REPO_ROOT)
@@ -139,3 +139,28 @@ def test_paper_models_build_at_the_paper_size(name, expected):
   built = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   assert built == transformer.num_params(config, include_padding=True)
   assert abs(transformer.num_params(config) / expected - 1) < 0.02
+
+
+GRID_FILES = ["gin_configs/local/grid.gin", "gin_configs/local/grid_gpu.gin",
+              "gin_configs/paper/grid_130m.gin", "gin_configs/paper/grid_1b.gin"]
+
+
+@pytest.mark.parametrize("path", GRID_FILES)
+def test_grid_files_bind_a_complete_grid(path):
+  gin.parse_config_file(os.path.join(gin_utils.REPO_ROOT, path))
+  gin.parse_config(["GRID_DIR = '/tmp/pause_flax_gin_test_grid'"])
+  b = gin.get_bindings("run_grid")
+  assert isinstance(b["model_config"], transformer.TransformerConfig)
+  assert len(b["seeds"]) >= 5 and len(set(b["seeds"])) == len(b["seeds"])
+  assert b["pause_fraction"] == 0.1 and 0 in b["m_inf_sweep"]
+  m_ft = b["num_pauses"]
+  m_ft = m_ft if isinstance(m_ft, dict) else {t: m_ft for t in b["tasks"]}
+  assert all(m_ft[t] in b["m_inf_sweep"] for t in b["tasks"])
+  if path.startswith("gin_configs/paper/"):
+    assert len(b["tasks"]) == 9 and m_ft["squad"] == 50 and m_ft["gsm8k"] == 10
+    p = b["pretrain"]
+    tokens = p.steps * p.batch_size * p.feature_lengths["targets"]
+    assert abs(tokens / PAPER_TOKENS - 1) < 0.01
+    assert set(b["metric"]) == set(b["tasks"])
+  else:
+    assert len(b["seeds"]) >= 8

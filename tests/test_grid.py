@@ -30,7 +30,8 @@ def test_table_reports_spread_and_paired_intervals(tmp_path):
     write_cell(tmp_path, "PausePT_PauseFT", s, {0: 5.0, 4: base[s] + 6 + 0.1 * s})
     write_cell(tmp_path, "StdPT_FillerFT", s, {0: 5.0, 4: base[s] + (1 if s % 2 else -1)})
   variants = ["StdPT_StdFT", "PausePT_PauseFT", "StdPT_FillerFT"]
-  results = grid.collect(str(tmp_path), [TASK], variants, seeds, 4, [0, 4], None, 0.95)
+  results = grid.collect(str(tmp_path), [TASK], variants, seeds, {TASK: 4}, [0, 4],
+                         None, 0.95)
   rows = results["tasks"][TASK]["variants"]
   assert rows["StdPT_StdFT"]["m_inf"] == 0 and rows["PausePT_PauseFT"]["m_inf"] == 4
   assert rows["StdPT_StdFT"]["mean"] == pytest.approx(50.25)
@@ -52,7 +53,7 @@ def test_bad_settings_are_refused():
     grid.run_grid("/nonexistent", seeds=[0], **kw)
   with pytest.raises(ValueError, match="choose from"):
     grid.run_grid("/nonexistent", seeds=[0, 1], variants=["StdPT_StdFT", "Bogus"], **kw)
-  with pytest.raises(ValueError, match="must contain both 0 and NUM_PAUSES"):
+  with pytest.raises(ValueError, match="must contain both 0 and M_ft"):
     grid.run_grid("/nonexistent", seeds=[0, 1], **{**kw, "m_inf_sweep": [0, 1]})
 
 

@@ -56,7 +56,7 @@ def write(grid_dir: str, results: dict) -> list[str]:
       mean = [row["sweep"][str(m)]["mean"] for m in sweep]
       std = [row["sweep"][str(m)]["std"] for m in sweep]
       ax.errorbar(sweep, mean, yerr=std, marker="o", capsize=3, label=variant)
-    ax.set(title=f"{task}: {block['metric']} against M_inf (M_ft = {results['num_pauses']})",
+    ax.set(title=f"{task}: {block['metric']} against M_inf (M_ft = {block['num_pauses']})",
            xlabel="M_inf (pauses, or fillers for the filler control, at inference)",
            ylabel=block["metric"])
     ax.legend(fontsize=8)
