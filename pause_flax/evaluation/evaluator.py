@@ -98,7 +98,7 @@ def _feature_lengths(task: str, lengths: Mapping[str, int] | None) -> dict[str, 
   try:
     return tasks_lib.default_task_feature_lengths(task)
   except ValueError as e:
-    raise ValueError(f"{e} (set EVAL_FEATURE_LENGTHS)") from None
+    raise ValueError(f"{e} (TASK_FEATURE_LENGTHS in gin)") from None
 
 
 class _TaskFeatures(seqio.PassThroughFeatureConverter):
@@ -144,7 +144,8 @@ def load_checkpoint(path: str, mesh: jax.sharding.Mesh,
     steps = ckpt.steps()
     if not steps:
       raise FileNotFoundError(f"CHECKPOINT_PATH={path!r}: no checkpoint in {directory}.")
-    step = step if step is not None else path_step if path_step is not None else steps[-1]
+    if step is None:
+      step = steps[-1] if path_step is None else path_step
     if step not in steps:
       raise FileNotFoundError(f"CHECKPOINT_PATH={path!r}: no step {step}; steps {steps}.")
     meta = ckpt.read_meta(step)
@@ -448,7 +449,8 @@ def run(checkpoint_path: str, *,
   """Evaluates a checkpoint; returns {task: {M_inf: metrics}} and writes the files.
 
   The Task defaults to the one the checkpoint was finetuned on (its standard
-  form), M_inf to the M_ft it was finetuned with; `num_pauses_sweep` evaluates
+  form), M_inf to the M of a named pause variant or else the M_ft the
+  checkpoint was finetuned with; `num_pauses_sweep` evaluates
   each M_inf in turn and writes the sweep table and plot. `output_dir`
   defaults to <MODEL_DIR>/eval.
   """
@@ -463,9 +465,8 @@ def run(checkpoint_path: str, *,
   if name is None:
     raise ValueError("The checkpoint does not record its finetuning task: set "
                      "MIXTURE_OR_TASK_NAME.")
-  if num_pauses is None:
-    num_pauses = (ckpt.meta.get("num_pauses", 0) if mixture_or_task_name is None
-                  else standard_task(name)[1])
+  if num_pauses is None:  # a pause variant's own M, else the checkpoint's M_ft
+    num_pauses = standard_task(name)[1] or ckpt.meta.get("num_pauses", 0)
   evaluator = Evaluator(name, batch_size=batch_size, mesh=mesh, rules=rules,
                         feature_lengths=feature_lengths, split=split,
                         num_examples=num_examples, decode=decode)
