@@ -24,13 +24,11 @@ import sys
 import time
 from collections.abc import Sequence
 
-_DEFAULT_SOURCE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import DEFAULT_SOURCE_DIR, LaunchError, parse_with_train_args
+
+_DEFAULT_SOURCE_DIR = DEFAULT_SOURCE_DIR
 _POLL_SECONDS = 0.2
 _GRACE_SECONDS = 10.0
-
-
-class LaunchError(ValueError):
-  """A bad launcher argument, reported without a traceback."""
 
 
 def _free_port() -> int:
@@ -70,11 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   """Parses and validates flags; everything after a bare `--` goes to training."""
-  argv = list(argv)
-  split = argv.index("--") if "--" in argv else len(argv)
-  args = build_parser().parse_args(argv[:split])
-  args.train_args = argv[split + 1:]
-  args.source_dir = os.path.abspath(args.source_dir)
+  args = parse_with_train_args(build_parser(), argv)
   if "://" not in args.model_dir:  # Processes run in --source-dir: make it absolute.
     args.model_dir = os.path.abspath(args.model_dir)
   elif not args.log_dir:

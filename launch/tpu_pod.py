@@ -40,6 +40,8 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
+from common import DEFAULT_SOURCE_DIR, LaunchError, parse_with_train_args
+
 # Runtime (OS image) versions recommended for JAX, per TPU generation.
 RUNTIME_VERSIONS = {
     "v2": "tpu-ubuntu2204-base",
@@ -72,11 +74,7 @@ _SOURCE_ENTRIES = ("setup.py", "pause_flax", "gin_configs")
 _OPTIONAL_SOURCE_ENTRIES = ("README.md", "MANIFEST.in", "pyproject.toml", "setup.cfg")
 _GIN_DIR = "gin_configs"
 
-_DEFAULT_SOURCE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class LaunchError(ValueError):
-  """A bad launcher argument, reported without a traceback."""
+_DEFAULT_SOURCE_DIR = DEFAULT_SOURCE_DIR
 
 
 def num_workers(accelerator_type: str) -> int:
@@ -368,11 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   """Parses launcher flags; everything after a bare `--` goes to training."""
-  argv = list(argv)
-  split = argv.index("--") if "--" in argv else len(argv)
-  args = build_parser().parse_args(argv[:split])
-  args.train_args = argv[split + 1:]
-  args.source_dir = os.path.abspath(args.source_dir)
+  args = parse_with_train_args(build_parser(), argv)
   if not _NAME_RE.match(args.name):
     raise LaunchError(
         f"--name {args.name!r}: use lowercase letters, digits and hyphens, starting "

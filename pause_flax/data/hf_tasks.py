@@ -9,36 +9,18 @@ do the same with `hf_checkpoint.imported_vocabulary(path)` as their vocabulary.
 
 from __future__ import annotations
 
-import functools
-
 import gin
 import seqio
 
 from pause_flax import hf_checkpoint
-from pause_flax.data import synthetic
+from pause_flax.data import tasks
 
 
 def register_synthetic_task(vocabulary: seqio.Vocabulary, task: str = "addition",
                             name: str | None = None) -> str:
   """Registers synthetic `task` over `vocabulary` (replacing any earlier one); its name."""
-  if task not in synthetic.DOWNSTREAM_GENERATORS:
-    raise ValueError(f"task={task!r}; choose from {sorted(synthetic.DOWNSTREAM_GENERATORS)}.")
-  name = name or f"hf_synthetic_{task}"
-  seqio.TaskRegistry.remove(name)
-  seqio.TaskRegistry.add(
-      name,
-      source=seqio.FunctionDataSource(
-          functools.partial(synthetic.downstream_dataset_fn, task),
-          splits=tuple(synthetic.DOWNSTREAM_SPLIT_SIZES),
-          num_input_examples=synthetic.DOWNSTREAM_SPLIT_SIZES),
-      output_features={
-          "inputs": seqio.Feature(vocabulary, add_eos=False),
-          "targets": seqio.Feature(vocabulary, add_eos=True),
-      },
-      preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
-      postprocess_fn=synthetic.postprocess_answer,
-      metric_fns=[synthetic.exact_match])
-  return name
+  return tasks.register_synthetic_downstream_task(name or f"hf_synthetic_{task}", task,
+                                                  vocabulary)
 
 
 @gin.configurable

@@ -262,6 +262,28 @@ def register_c4_tasks(data_dir: str | None = None,
                                    name="c4_en_lm_pause")
 
 
+def register_synthetic_downstream_task(name: str, task: str,
+                                       vocabulary: seqio.Vocabulary) -> str:
+  """Registers synthetic downstream `task` (inputs -> targets, exact match) as `name`."""
+  if task not in synthetic.DOWNSTREAM_GENERATORS:
+    raise ValueError(f"task={task!r}; choose from {sorted(synthetic.DOWNSTREAM_GENERATORS)}.")
+  _add_task(
+      name,
+      source=seqio.FunctionDataSource(
+          functools.partial(synthetic.downstream_dataset_fn, task),
+          splits=tuple(synthetic.DOWNSTREAM_SPLIT_SIZES),
+          num_input_examples=synthetic.DOWNSTREAM_SPLIT_SIZES),
+      output_features={
+          "inputs": seqio.Feature(vocabulary, add_eos=False),
+          "targets": seqio.Feature(vocabulary, add_eos=True),
+      },
+      preprocessors=[seqio.preprocessors.tokenize,
+                     seqio.preprocessors.append_eos_after_trim],
+      postprocess_fn=synthetic.postprocess_answer,
+      metric_fns=[synthetic.exact_match])
+  return name
+
+
 def register_synthetic_tasks(sequence_length: int = 512) -> list[str]:
   """Registers the offline synthetic tasks; returns their names."""
   vocab = seqio.ByteVocabulary()
@@ -277,21 +299,7 @@ def register_synthetic_tasks(sequence_length: int = 512) -> list[str]:
   _DEFAULT_LENGTHS["synthetic_lm"] = {"targets": sequence_length}
   names.append(pause_variant("synthetic_lm", name="synthetic_lm_pause"))
   for task in synthetic.DOWNSTREAM_GENERATORS:
-    name = f"synthetic_{task}"
-    _add_task(
-        name,
-        source=seqio.FunctionDataSource(
-            functools.partial(synthetic.downstream_dataset_fn, task),
-            splits=tuple(synthetic.DOWNSTREAM_SPLIT_SIZES),
-            num_input_examples=synthetic.DOWNSTREAM_SPLIT_SIZES),
-        output_features={
-            "inputs": seqio.Feature(vocab, add_eos=False),
-            "targets": seqio.Feature(vocab, add_eos=True),
-        },
-        preprocessors=[seqio.preprocessors.tokenize,
-                       seqio.preprocessors.append_eos_after_trim],
-        postprocess_fn=synthetic.postprocess_answer,
-        metric_fns=[synthetic.exact_match])
+    name = register_synthetic_downstream_task(f"synthetic_{task}", task, vocab)
     _DEFAULT_LENGTHS[name] = {"inputs": 64, "targets": 16}
     names += [name, pause_variant(name, form="finetune",
                                   name=f"{name}_pause")]
