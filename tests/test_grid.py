@@ -110,3 +110,7 @@ def test_grid_runs_resumes_after_a_kill_and_reproduces_exactly(tmp_path):
   with open(os.path.join(full, "results.json")) as a, \
        open(os.path.join(killed, "results.json")) as b:
     assert json.load(a) == json.load(b)
+  # The cells agree to the bit, final finetuning losses included.
+  for a, b in zip(cells(full), cells(killed)):
+    with open(a) as fa, open(b) as fb:
+      assert json.load(fa) == json.load(fb), (a, b)
