@@ -412,6 +412,12 @@ class Transformer(nnx.Module):
     return h_BxLxD, KVCache(k_YxBxSxKxH=kv[0], v_YxBxSxKxH=kv[1],
                             segment_ids_BxS=k_segment_ids_BxS, index=index + l)
 
+  def output_matrix(self) -> jax.Array:
+    """The [D, padded V] output projection: the untied head or the embedding transposed."""
+    if self.config.tie_embeddings:
+      return self.embedding_VxD[...].T
+    return self.head_DxV[...]
+
   def logits(self, h_BxLxD: jax.Array) -> jax.Array:
     """Float32 logits over the padded vocabulary; padded columns get PAD_LOGIT."""
     c = self.config

@@ -3,14 +3,21 @@
 The weights carry all pause knowledge: a pause target, padding and (for
 finetuning) the prefix have weight 0, so their terms contribute exactly zero
 to the loss and to its gradient.
+
+Two paths compute the same sums: `cross_entropy_sums` from materialised
+logits, and `fused_cross_entropy_sums` from the final hidden states and the
+output matrix, a chunk of positions at a time, never holding [B, L, V].
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from pause_flax.model.transformer import PAD_LOGIT
 
 
 class LossSums(NamedTuple):
@@ -48,3 +55,140 @@ def cross_entropy_sums(logits_BxLxV: jax.Array, targets_BxL: jax.Array,
 def mean_loss(sums: LossSums) -> jax.Array:
   """sum(w * CE) / sum(w); 0 for a batch with no weighted targets."""
   return sums.loss / jnp.maximum(sums.weight, 1e-8)
+
+
+# ---------------------------------------------------------------------------
+# Fused output projection + cross-entropy.
+
+
+def _chunk_terms(h_BxCxD: jax.Array, head_DxV: jax.Array, targets_BxC: jax.Array,
+                 vocab_size: int) -> tuple[jax.Array, ...]:
+  """Logits of one chunk (padded columns at PAD_LOGIT), log Z, target logit, argmax hit."""
+  logits_BxCxV = jnp.einsum('BCD,DV->BCV', h_BxCxD, head_DxV,
+                            preferred_element_type=jnp.float32)
+  col_V = jax.lax.broadcasted_iota(jnp.int32, (logits_BxCxV.shape[-1],), 0)
+  if vocab_size < logits_BxCxV.shape[-1]:
+    logits_BxCxV = jnp.where(col_V < vocab_size, logits_BxCxV, PAD_LOGIT)
+  max_BxC = jnp.max(logits_BxCxV, axis=-1)
+  log_z_BxC = max_BxC + jnp.log(jnp.sum(jnp.exp(logits_BxCxV - max_BxC[..., None]), axis=-1))
+  target_logit_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
+  # First index of the maximum, as jnp.argmax picks it.
+  first_max_BxC = jnp.min(jnp.where(logits_BxCxV == max_BxC[..., None], col_V,
+                                    logits_BxCxV.shape[-1]), axis=-1)
+  return logits_BxCxV, log_z_BxC, target_logit_BxC, first_max_BxC == targets_BxC
+
+
+def _fused_scan(h_BxLxD: jax.Array, head_DxV: jax.Array, targets_BxL: jax.Array,
+                weights_BxL: jax.Array, z_loss: float, vocab_size: int, chunk_len: int,
+                with_grad: bool):
+  """Per-position (ce, z, correct) and, `with_grad`, d loss / d (h, head, weights).
+
+  Positions are split into chunks of `chunk_len` (the tail padded with weight
+  0); a scan computes each chunk's [B, chunk_len, V] logits, its terms and the
+  gradient of loss = sum(w * (CE + z_loss * log(Z)^2)) w.r.t. the chunk's
+  logits, and folds that into d h and d head at once.
+  """
+  b, l, d = h_BxLxD.shape
+  k = -(-l // chunk_len)
+  pad = k * chunk_len - l
+
+  def chunks(x):  # [B, L, ...] -> [K, B, chunk_len, ...]
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.swapaxes(x.reshape((b, k, chunk_len) + x.shape[2:]), 0, 1)
+
+  w_BxL = weights_BxL.astype(jnp.float32)
+  xs = (chunks(h_BxLxD), chunks(targets_BxL), chunks(w_BxL))
+  head_dtype = head_DxV.dtype
+  head_DxV = head_DxV.astype(h_BxLxD.dtype)
+
+  def body(dhead_DxV, x):
+    h_BxCxD, targets_BxC, w_BxC = x
+    logits_BxCxV, log_z_BxC, target_logit_BxC, correct_BxC = _chunk_terms(
+        h_BxCxD, head_DxV, targets_BxC, vocab_size)
+    keep_BxC = w_BxC > 0
+    ce_BxC = jnp.where(keep_BxC, log_z_BxC - target_logit_BxC, 0.0)
+    z_BxC = jnp.where(keep_BxC, jnp.square(log_z_BxC), 0.0)
+    terms = (ce_BxC, z_BxC, correct_BxC.astype(jnp.float32))
+    if not with_grad:
+      return dhead_DxV, (terms, None)
+    # d/d logits of w * (log Z - logit[t] + z_loss * log Z^2): a * softmax - w * onehot.
+    a_BxC = w_BxC * (1.0 + 2.0 * z_loss * log_z_BxC)
+    col_V = jax.lax.broadcasted_iota(jnp.int32, (logits_BxCxV.shape[-1],), 0)
+    dlogits_BxCxV = jnp.where(
+        keep_BxC[..., None],
+        a_BxC[..., None] * jnp.exp(logits_BxCxV - log_z_BxC[..., None])
+        - jnp.where(col_V == targets_BxC[..., None], w_BxC[..., None], 0.0),
+        0.0).astype(h_BxCxD.dtype)
+    dh_BxCxD = jnp.einsum('BCV,DV->BCD', dlogits_BxCxV, head_DxV,
+                          preferred_element_type=jnp.float32).astype(h_BxCxD.dtype)
+    dhead_DxV = dhead_DxV + jnp.einsum('BCD,BCV->DV', h_BxCxD, dlogits_BxCxV,
+                                       preferred_element_type=jnp.float32)
+    return dhead_DxV, (terms, dh_BxCxD)
+
+  dhead0_DxV = jnp.zeros(head_DxV.shape, jnp.float32) if with_grad else None
+  dhead_DxV, (terms, dh_KxBxCxD) = jax.lax.scan(body, dhead0_DxV, xs)
+
+  def unchunk(x):  # [K, B, chunk_len, ...] -> [B, L, ...]
+    x = jnp.swapaxes(x, 0, 1)
+    return x.reshape((b, k * chunk_len) + x.shape[3:])[:, :l]
+
+  ce_BxL, z_BxL, correct_BxL = map(unchunk, terms)
+  if not with_grad:
+    return (ce_BxL, z_BxL, correct_BxL), None
+  dw_BxL = (ce_BxL + z_loss * z_BxL).astype(weights_BxL.dtype)
+  grads = (unchunk(dh_KxBxCxD), dhead_DxV.astype(head_dtype), dw_BxL)
+  return (ce_BxL, z_BxL, correct_BxL), grads
+
+
+def _sums(terms, weights_BxL: jax.Array, z_loss: float) -> LossSums:
+  ce_BxL, z_BxL, correct_BxL = terms
+  w = weights_BxL.astype(jnp.float32)
+  ce, z = jnp.sum(w * ce_BxL), jnp.sum(w * z_BxL)
+  return LossSums(loss=ce + z_loss * z, ce=ce, z=z, correct=jnp.sum(w * correct_BxL),
+                  weight=jnp.sum(w))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fused(h_BxLxD, head_DxV, targets_BxL, weights_BxL, z_loss, vocab_size, chunk_len):
+  terms, _ = _fused_scan(h_BxLxD, head_DxV, targets_BxL, weights_BxL, z_loss, vocab_size,
+                         chunk_len, with_grad=False)
+  return _sums(terms, weights_BxL, z_loss)
+
+
+def _fused_fwd(h_BxLxD, head_DxV, targets_BxL, weights_BxL, z_loss, vocab_size, chunk_len):
+  terms, grads = _fused_scan(h_BxLxD, head_DxV, targets_BxL, weights_BxL, z_loss,
+                             vocab_size, chunk_len, with_grad=True)
+  return _sums(terms, weights_BxL, z_loss), grads
+
+
+def _fused_bwd(z_loss, vocab_size, chunk_len, grads, g: LossSums):
+  del z_loss, vocab_size, chunk_len
+  g_loss = g.loss  # ce, z, correct and weight reach the caller without a gradient
+  return tuple(None if x is None else g_loss.astype(x.dtype) * x
+               for x in (grads[0], grads[1], None, grads[2]))
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def fused_cross_entropy_sums(h_BxLxD: jax.Array, head_DxV: jax.Array, targets_BxL: jax.Array,
+                             weights_BxL: jax.Array, z_loss: float = 0.0, *,
+                             vocab_size: int | None = None, chunk_len: int = 32) -> LossSums:
+  """`cross_entropy_sums(h @ head, ...)` without materialising the [B, L, V] logits.
+
+  Columns at or past `vocab_size` (default: all real) get PAD_LOGIT, as the
+  model's padded vocabulary does. Under differentiation the gradient is
+  computed in the forward pass, one chunk of `chunk_len` positions at a time
+  (logits, softmax and their gradient stay chunk-sized; the output matrix is
+  multiplied three times per chunk, as the plain path's forward and backward
+  do once each). Only `loss` carries a gradient (w.r.t. h, head and weights);
+  ce, z, correct and weight are statistics.
+  """
+  if chunk_len < 1:
+    raise ValueError(f'chunk_len={chunk_len} must be >= 1.')
+  vocab_size = head_DxV.shape[-1] if vocab_size is None else vocab_size
+  sums = _fused(h_BxLxD, head_DxV, targets_BxL, weights_BxL, float(z_loss), vocab_size,
+                chunk_len)
+  return LossSums(loss=sums.loss, ce=jax.lax.stop_gradient(sums.ce),
+                  z=jax.lax.stop_gradient(sums.z), correct=jax.lax.stop_gradient(sums.correct),
+                  weight=jax.lax.stop_gradient(sums.weight))

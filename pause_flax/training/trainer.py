@@ -39,6 +39,9 @@ class StepOptions:
   accum_steps: int = 1
   z_loss: float = 0.0
   pause_id: int | None = None        # only for the pause-input count metric
+  # Output projection + cross-entropy fused, `loss_chunk_len` positions at a
+  # time (loss.fused_cross_entropy_sums); None materialises [B, L, V] logits.
+  loss_chunk_len: int | None = 32
 
 
 class Trainer:
@@ -51,6 +54,8 @@ class Trainer:
                options: StepOptions = StepOptions()):
     if options.accum_steps < 1:
       raise ValueError(f"accum_steps={options.accum_steps} must be >= 1.")
+    if options.loss_chunk_len is not None and options.loss_chunk_len < 1:
+      raise ValueError(f"loss_chunk_len={options.loss_chunk_len} must be >= 1 or None.")
     self.model_config = model_config
     self.optimizer = optimizer
     self.mesh = mesh
@@ -111,12 +116,17 @@ class Trainer:
 
   def _loss_sums(self, params: Any, batch: Batch) -> loss_lib.LossSums:
     model = self.model(params)
+    targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
     with parallel.activation_sharding(self.mesh, self.rules):
-      logits = model(batch["decoder_input_tokens"],
-                     positions_BxL=batch.get("decoder_positions"),
-                     segment_ids_BxL=batch.get("decoder_segment_ids"))
-    return loss_lib.cross_entropy_sums(logits, batch["decoder_target_tokens"],
-                                       batch["decoder_loss_weights"], self.options.z_loss)
+      h_BxLxD = model.hidden(batch["decoder_input_tokens"],
+                             positions_BxL=batch.get("decoder_positions"),
+                             segment_ids_BxL=batch.get("decoder_segment_ids"))
+      if self.options.loss_chunk_len is None:
+        return loss_lib.cross_entropy_sums(model.logits(h_BxLxD), targets, weights,
+                                           self.options.z_loss)
+    return loss_lib.fused_cross_entropy_sums(
+        h_BxLxD, model.output_matrix(), targets, weights, self.options.z_loss,
+        vocab_size=self.model_config.vocab_size, chunk_len=self.options.loss_chunk_len)
 
   def _grads_and_sums(self, params: Any, batch: Batch):
     """Gradient of the summed loss, accumulated over micro-batches."""

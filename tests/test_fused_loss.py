@@ -1,0 +1,96 @@
+"""The fused output projection + cross-entropy equals the plain logits path."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pause_flax.model.transformer import PAD_LOGIT
+from pause_flax.training import loss as loss_lib
+
+B, L, D, V, VOCAB = 3, 13, 16, 128, 120  # V padded past the real VOCAB
+
+
+def _inputs(seed: int = 0):
+  k = jax.random.split(jax.random.PRNGKey(seed), 4)
+  h_BxLxD = jax.random.normal(k[0], (B, L, D))
+  head_DxV = 0.5 * jax.random.normal(k[1], (D, V))
+  targets_BxL = jax.random.randint(k[2], (B, L), 0, VOCAB)
+  # Every other target is the argmax, so the accuracy count is exercised.
+  argmax_BxL = jnp.argmax(jnp.einsum('BLD,DV->BLV', h_BxLxD, head_DxV)[..., :VOCAB], axis=-1)
+  targets_BxL = jnp.where(jnp.arange(L) % 2 == 0, argmax_BxL, targets_BxL)
+  weights_BxL = (jax.random.uniform(k[3], (B, L)) > 0.3).astype(jnp.float32)
+  return h_BxLxD, head_DxV, targets_BxL, weights_BxL
+
+
+def _plain(h_BxLxD, head_DxV, targets_BxL, weights_BxL, z_loss):
+  logits_BxLxV = jnp.einsum('BLD,DV->BLV', h_BxLxD, head_DxV)
+  logits_BxLxV = jnp.where(jnp.arange(V) < VOCAB, logits_BxLxV, PAD_LOGIT)
+  return loss_lib.cross_entropy_sums(logits_BxLxV, targets_BxL, weights_BxL, z_loss)
+
+
+def _fused(h_BxLxD, head_DxV, targets_BxL, weights_BxL, z_loss, chunk_len):
+  return loss_lib.fused_cross_entropy_sums(h_BxLxD, head_DxV, targets_BxL, weights_BxL, z_loss,
+                                           vocab_size=VOCAB, chunk_len=chunk_len)
+
+
+@pytest.mark.parametrize('z_loss', [0.0, 1e-2])
+@pytest.mark.parametrize('chunk_len', [1, 4, 13, 32])  # 4 leaves a padded tail chunk
+def test_sums_and_gradients_equal_plain_path(z_loss, chunk_len):
+  h, head, targets, weights = _inputs()
+  want = _plain(h, head, targets, weights, z_loss)
+  got = jax.jit(_fused, static_argnums=(4, 5))(h, head, targets, weights, z_loss, chunk_len)
+  for name in loss_lib.LossSums._fields:
+    np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-5,
+                               err_msg=name)
+  assert 0 < float(want.correct) < float(want.weight)  # the argmax count is exercised
+
+  grad_plain = jax.grad(lambda *a: _plain(*a, z_loss).loss, (0, 1, 3))
+  grad_fused = jax.jit(jax.grad(lambda h, w, t, m: _fused(h, w, t, m, z_loss, chunk_len).loss,
+                                (0, 1, 3)))
+  for name, g, w in zip(('h', 'head', 'weights'), grad_fused(h, head, targets, weights),
+                        grad_plain(h, head, targets, weights)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_zero_weight_gives_exactly_zero_gradient():
+  h, head, targets, weights = _inputs(1)
+  grad = jax.grad(lambda h, w: _fused(h, w, targets, weights, 1e-3, 4).loss, (0, 1))
+  dh_BxLxD, dhead_DxV = grad(h, head)
+  assert np.all(np.asarray(dh_BxLxD)[np.asarray(weights) == 0] == 0)
+  assert np.any(np.asarray(dh_BxLxD)[np.asarray(weights) == 1] != 0)
+  assert np.all(np.asarray(dhead_DxV)[:, VOCAB:] == 0)  # padded columns
+  # No weighted target at all: the gradient vanishes everywhere.
+  dh_BxLxD, dhead_DxV = jax.grad(
+      lambda h, w: _fused(h, w, targets, jnp.zeros_like(weights), 0.0, 4).loss, (0, 1))(h, head)
+  assert not np.any(dh_BxLxD) and not np.any(dhead_DxV)
+
+
+def test_tied_gradient_flows_through_the_transpose():
+  h, head, targets, weights = _inputs(2)
+  embedding_VxD = head.T
+  want = jax.grad(lambda e: _plain(h, e.T, targets, weights, 0.0).loss)(embedding_VxD)
+  got = jax.grad(lambda e: _fused(h, e.T, targets, weights, 0.0, 5).loss)(embedding_VxD)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_bfloat16_hidden_states_are_close():
+  h, head, targets, weights = _inputs(3)
+  h16, head16 = h.astype(jnp.bfloat16), head.astype(jnp.bfloat16)
+  want = _plain(h16, head16, targets, weights, 0.0)
+  got = _fused(h16, head16, targets, weights, 0.0, 8)
+  np.testing.assert_allclose(got.loss, want.loss, rtol=1e-3)
+  dh_BxLxD = jax.grad(lambda h: _fused(h, head16, targets, weights, 0.0, 8).loss)(h16)
+  assert dh_BxLxD.dtype == jnp.bfloat16
+
+
+def test_only_the_loss_has_a_gradient():
+  h, head, targets, weights = _inputs(4)
+  dh_BxLxD = jax.grad(lambda h: _fused(h, head, targets, weights, 0.0, 4).ce)(h)
+  assert not np.any(dh_BxLxD)
+
+
+def test_rejects_bad_chunk_len():
+  h, head, targets, weights = _inputs()
+  with pytest.raises(ValueError, match='chunk_len'):
+    _fused(h, head, targets, weights, 0.0, 0)
