@@ -65,6 +65,10 @@ class TransformerConfig:
   dtype: str = 'float32'  # compute dtype
   param_dtype: str = 'float32'
   remat_policy: str = 'none'  # 'none' | 'full' | 'dots'
+  # Layers the layer scan unrolls per iteration (True: all). Unrolled, the
+  # backward pass reads each layer's saved activations in place instead of
+  # slicing them out of the stacked scan outputs; compile time grows with it.
+  scan_unroll: int | bool = 1
   vocab_pad_multiple: int = 128
 
   def __post_init__(self):
@@ -88,6 +92,9 @@ class TransformerConfig:
     if self.remat_policy not in ('none', *_REMAT_POLICIES):
       raise ValueError(
           f"remat_policy={self.remat_policy!r}; choose from 'none', 'full', 'dots'.")
+    if not isinstance(self.scan_unroll, bool) and (
+        not isinstance(self.scan_unroll, int) or self.scan_unroll < 1):
+      raise ValueError(f'scan_unroll={self.scan_unroll!r} must be True, False or an int >= 1.')
     for name in ('dtype', 'param_dtype'):
       try:
         jnp.dtype(getattr(self, name))
@@ -119,7 +126,8 @@ _MODEL_CONFIGS: dict[str, dict] = {
                      mlp_dim=8192, dtype='bfloat16'),
     # Throughput benchmarks.
     'bench_4l': dict(vocab_size=32000, num_layers=4, d_model=256, num_heads=4,
-                     head_dim=64, mlp_dim=1024, mlp_activation='silu', gated_mlp=True),
+                     head_dim=64, mlp_dim=1024, mlp_activation='silu', gated_mlp=True,
+                     scan_unroll=True),
 }
 
 
@@ -401,7 +409,7 @@ class Transformer(nnx.Module):
     if c.remat_policy != 'none':
       layer = nnx.remat(layer, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=False)
 
-    @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+    @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0), unroll=c.scan_unroll)
     def run_layers(block, x_BxLxD, kv):
       return layer(block, x_BxLxD, kv)
 

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from pause_flax.model.transformer import PAD_LOGIT
+from pause_flax.parallel import constrain
 
 
 class LossSums(NamedTuple):
@@ -80,15 +81,18 @@ def _chunk_terms(h_BxCxD: jax.Array, head_DxV: jax.Array, targets_BxC: jax.Array
 
 def _fused_scan(h_BxLxD: jax.Array, head_DxV: jax.Array, targets_BxL: jax.Array,
                 weights_BxL: jax.Array, z_loss: float, vocab_size: int, chunk_len: int,
-                with_grad: bool):
+                batch_shards: int, with_grad: bool):
   """Per-position (ce, z, correct) and, `with_grad`, d loss / d (h, head, weights).
 
   Positions are split into chunks of `chunk_len` (the tail padded with weight
   0); a scan computes each chunk's [B, chunk_len, V] logits, its terms and the
   gradient of loss = sum(w * (CE + z_loss * log(Z)^2)) w.r.t. the chunk's
-  logits, and folds that into d h and d head at once.
+  logits, and folds that into d h and d head at once. d head is accumulated
+  per group of B / `batch_shards` rows (G groups, sharded like the batch), so a
+  batch-sharded step reduces it over devices once, not once per chunk.
   """
   b, l, d = h_BxLxD.shape
+  g = batch_shards
   k = -(-l // chunk_len)
   pad = k * chunk_len - l
 
@@ -101,7 +105,7 @@ def _fused_scan(h_BxLxD: jax.Array, head_DxV: jax.Array, targets_BxL: jax.Array,
   head_dtype = head_DxV.dtype
   head_DxV = head_DxV.astype(h_BxLxD.dtype)
 
-  def body(dhead_DxV, x):
+  def body(dhead_GxDxV, x):
     h_BxCxD, targets_BxC, w_BxC = x
     logits_BxCxV, log_z_BxC, target_logit_BxC, correct_BxC = _chunk_terms(
         h_BxCxD, head_DxV, targets_BxC, vocab_size)
@@ -110,7 +114,7 @@ def _fused_scan(h_BxLxD: jax.Array, head_DxV: jax.Array, targets_BxL: jax.Array,
     z_BxC = jnp.where(keep_BxC, jnp.square(log_z_BxC), 0.0)
     terms = (ce_BxC, z_BxC, correct_BxC.astype(jnp.float32))
     if not with_grad:
-      return dhead_DxV, (terms, None)
+      return dhead_GxDxV, (terms, None)
     # d/d logits of w * (log Z - logit[t] + z_loss * log Z^2): a * softmax - w * onehot.
     a_BxC = w_BxC * (1.0 + 2.0 * z_loss * log_z_BxC)
     col_V = jax.lax.broadcasted_iota(jnp.int32, (logits_BxCxV.shape[-1],), 0)
@@ -121,12 +125,15 @@ def _fused_scan(h_BxLxD: jax.Array, head_DxV: jax.Array, targets_BxL: jax.Array,
         0.0).astype(h_BxCxD.dtype)
     dh_BxCxD = jnp.einsum('BCV,DV->BCD', dlogits_BxCxV, head_DxV,
                           preferred_element_type=jnp.float32).astype(h_BxCxD.dtype)
-    dhead_DxV = dhead_DxV + jnp.einsum('BCD,BCV->DV', h_BxCxD, dlogits_BxCxV,
-                                       preferred_element_type=jnp.float32)
-    return dhead_DxV, (terms, dh_BxCxD)
+    grouped = lambda x: x.reshape((g, b // g) + x.shape[1:])
+    dhead_GxDxV = dhead_GxDxV + jnp.einsum('GbCD,GbCV->GDV', grouped(h_BxCxD),
+                                           grouped(dlogits_BxCxV),
+                                           preferred_element_type=jnp.float32)
+    return dhead_GxDxV, (terms, dh_BxCxD)
 
-  dhead0_DxV = jnp.zeros(head_DxV.shape, jnp.float32) if with_grad else None
-  dhead_DxV, (terms, dh_KxBxCxD) = jax.lax.scan(body, dhead0_DxV, xs)
+  dhead0_GxDxV = (constrain(jnp.zeros((g,) + head_DxV.shape, jnp.float32),
+                            ('batch', 'embed', 'vocab')) if with_grad else None)
+  dhead_GxDxV, (terms, dh_KxBxCxD) = jax.lax.scan(body, dhead0_GxDxV, xs)
 
   def unchunk(x):  # [K, B, chunk_len, ...] -> [B, L, ...]
     x = jnp.swapaxes(x, 0, 1)
@@ -136,7 +143,7 @@ def _fused_scan(h_BxLxD: jax.Array, head_DxV: jax.Array, targets_BxL: jax.Array,
   if not with_grad:
     return (ce_BxL, z_BxL, correct_BxL), None
   dw_BxL = (ce_BxL + z_loss * z_BxL).astype(weights_BxL.dtype)
-  grads = (unchunk(dh_KxBxCxD), dhead_DxV.astype(head_dtype), dw_BxL)
+  grads = (unchunk(dh_KxBxCxD), jnp.sum(dhead_GxDxV, axis=0).astype(head_dtype), dw_BxL)
   return (ce_BxL, z_BxL, correct_BxL), grads
 
 
@@ -148,21 +155,23 @@ def _sums(terms, weights_BxL: jax.Array, z_loss: float) -> LossSums:
                   weight=jnp.sum(w))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _fused(h_BxLxD, head_DxV, targets_BxL, weights_BxL, z_loss, vocab_size, chunk_len):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _fused(h_BxLxD, head_DxV, targets_BxL, weights_BxL, z_loss, vocab_size, chunk_len,
+           batch_shards):
   terms, _ = _fused_scan(h_BxLxD, head_DxV, targets_BxL, weights_BxL, z_loss, vocab_size,
-                         chunk_len, with_grad=False)
+                         chunk_len, batch_shards, with_grad=False)
   return _sums(terms, weights_BxL, z_loss)
 
 
-def _fused_fwd(h_BxLxD, head_DxV, targets_BxL, weights_BxL, z_loss, vocab_size, chunk_len):
+def _fused_fwd(h_BxLxD, head_DxV, targets_BxL, weights_BxL, z_loss, vocab_size, chunk_len,
+               batch_shards):
   terms, grads = _fused_scan(h_BxLxD, head_DxV, targets_BxL, weights_BxL, z_loss,
-                             vocab_size, chunk_len, with_grad=True)
+                             vocab_size, chunk_len, batch_shards, with_grad=True)
   return _sums(terms, weights_BxL, z_loss), grads
 
 
-def _fused_bwd(z_loss, vocab_size, chunk_len, grads, g: LossSums):
-  del z_loss, vocab_size, chunk_len
+def _fused_bwd(z_loss, vocab_size, chunk_len, batch_shards, grads, g: LossSums):
+  del z_loss, vocab_size, chunk_len, batch_shards
   g_loss = g.loss  # ce, z, correct and weight reach the caller without a gradient
   return tuple(None if x is None else g_loss.astype(x.dtype) * x
                for x in (grads[0], grads[1], None, grads[2]))
@@ -173,7 +182,8 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 def fused_cross_entropy_sums(h_BxLxD: jax.Array, head_DxV: jax.Array, targets_BxL: jax.Array,
                              weights_BxL: jax.Array, z_loss: float = 0.0, *,
-                             vocab_size: int | None = None, chunk_len: int = 32) -> LossSums:
+                             vocab_size: int | None = None, chunk_len: int = 32,
+                             batch_shards: int = 1) -> LossSums:
   """`cross_entropy_sums(h @ head, ...)` without materialising the [B, L, V] logits.
 
   Columns at or past `vocab_size` (default: all real) get PAD_LOGIT, as the
@@ -182,13 +192,17 @@ def fused_cross_entropy_sums(h_BxLxD: jax.Array, head_DxV: jax.Array, targets_Bx
   (logits, softmax and their gradient stay chunk-sized; the output matrix is
   multiplied three times per chunk, as the plain path's forward and backward
   do once each). Only `loss` carries a gradient (w.r.t. h, head and weights);
-  ce, z, correct and weight are statistics.
+  ce, z, correct and weight are statistics. `batch_shards` is how many ways the
+  batch is sharded (a divisor of B); under `parallel.activation_sharding` the
+  per-shard partial d head stays on its devices until one final reduction.
   """
   if chunk_len < 1:
     raise ValueError(f'chunk_len={chunk_len} must be >= 1.')
+  if batch_shards < 1 or h_BxLxD.shape[0] % batch_shards:
+    raise ValueError(f'batch_shards={batch_shards} must divide the batch {h_BxLxD.shape[0]}.')
   vocab_size = head_DxV.shape[-1] if vocab_size is None else vocab_size
   sums = _fused(h_BxLxD, head_DxV, targets_BxL, weights_BxL, float(z_loss), vocab_size,
-                chunk_len)
+                chunk_len, batch_shards)
   return LossSums(loss=sums.loss, ce=jax.lax.stop_gradient(sums.ce),
                   z=jax.lax.stop_gradient(sums.z), correct=jax.lax.stop_gradient(sums.correct),
                   weight=jax.lax.stop_gradient(sums.weight))

@@ -124,9 +124,10 @@ class Trainer:
       if self.options.loss_chunk_len is None:
         return loss_lib.cross_entropy_sums(model.logits(h_BxLxD), targets, weights,
                                            self.options.z_loss)
-    return loss_lib.fused_cross_entropy_sums(
-        h_BxLxD, model.output_matrix(), targets, weights, self.options.z_loss,
-        vocab_size=self.model_config.vocab_size, chunk_len=self.options.loss_chunk_len)
+      return loss_lib.fused_cross_entropy_sums(
+          h_BxLxD, model.output_matrix(), targets, weights, self.options.z_loss,
+          vocab_size=self.model_config.vocab_size, chunk_len=self.options.loss_chunk_len,
+          batch_shards=parallel.data_parallel_size(self.mesh, self.rules))
 
   def _grads_and_sums(self, params: Any, batch: Batch):
     """Gradient of the summed loss, accumulated over micro-batches."""

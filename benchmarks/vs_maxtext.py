@@ -1,0 +1,241 @@
+"""pause_flax vs MaxText: the same model trained on this CPU, alternating runs.
+
+Model (MaxText's default LLAMA2 block, pause_flax's `bench_4l`): 4 decoder
+layers, d_model 256, 4 heads of 64, gated SiLU MLP 1024, untied output
+projection, vocabulary 32000; sequence length 256, global batch 8, float32,
+synthetic data, AdamW. Each framework runs in its own process, on one device
+and on two simulated host devices with data parallelism (MaxText's best CPU
+setting); every round runs all settings, in a rotated order. A run compiles,
+runs --warmup steps, then times --steps steps.
+
+MaxText 0.2.5 is installed from PyPI, when missing, into its own virtual
+environment outside the repository (--cache_dir, default
+~/.cache/pause_flax_bench) with Python >= 3.12 from pyenv: `pip install maxtext`
+brings no dependencies, so the CPU requirement list inside its wheel is
+installed first, without its CUDA/NVIDIA lines. MaxText's step time is the
+"seconds" it logs per step, summed over the timed steps.
+
+MFU = model FLOPs per second (`transformer.flops_per_token`, the same for
+both) over the f32 matmul peak (best square jnp.dot), measured before and
+after every round; the best measurement is used.
+
+  python benchmarks/vs_maxtext.py --rounds 3 --steps 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+import zipfile
+
+MAXTEXT_VERSION = '0.2.5'
+REQUIREMENTS = 'dependencies/requirements/generated_requirements/decoupled-requirements.txt'
+SEQ_LEN, BATCH = 256, 8
+MAXTEXT_MODEL = (
+    'base_num_decoder_layers=4 base_emb_dim=256 base_num_query_heads=4 base_num_kv_heads=4 '
+    'head_dim=64 base_mlp_dim=1024 vocab_size=32000 dtype=float32 weight_dtype=float32 '
+    f'max_target_length={SEQ_LEN}').split()
+SETTINGS = ('maxtext:1', 'maxtext:2', 'pause_flax:1', 'pause_flax:2')
+
+
+def parse_args() -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--settings', default=','.join(SETTINGS),
+                      help='comma-separated framework:devices')
+  parser.add_argument('--rounds', type=int, default=3)
+  parser.add_argument('--steps', type=int, default=30, help='timed steps per run')
+  parser.add_argument('--warmup', type=int, default=3, help='untimed steps after compiling')
+  parser.add_argument('--cache_dir', default=os.path.expanduser('~/.cache/pause_flax_bench'))
+  parser.add_argument('--loss_chunk_len', type=int, default=32,
+                      help='pause_flax StepOptions.loss_chunk_len (0: plain logits path)')
+  parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
+  parser.add_argument('--devices', type=int, default=1, help=argparse.SUPPRESS)
+  return parser.parse_args()
+
+
+# ---------------------------------------------------------------------------
+# MaxText.
+
+
+def _find_python312() -> str:
+  """A Python >= 3.12 interpreter, from pyenv if there is one."""
+  root = os.path.expanduser(os.environ.get('PYENV_ROOT', '~/.pyenv'))
+  found = []
+  for path in glob.glob(os.path.join(root, 'versions', '*', 'bin', 'python3')):
+    m = re.match(r'(\d+)\.(\d+)\.(\d+)$', os.path.basename(os.path.dirname(os.path.dirname(path))))
+    if m and (int(m[1]), int(m[2])) >= (3, 12):
+      found.append(((int(m[1]), int(m[2]), int(m[3])), path))
+  if not found:
+    raise SystemExit('MaxText needs Python >= 3.12: install one with pyenv.')
+  return min(found)[1]
+
+
+def ensure_maxtext(cache_dir: str) -> str:
+  """The python of a virtual environment that imports maxtext, built if missing."""
+  venv = os.path.join(cache_dir, 'maxtext-venv')
+  python = os.path.join(venv, 'bin', 'python')
+  if os.path.exists(python) and subprocess.run(
+      [python, '-c', 'import maxtext'], capture_output=True).returncode == 0:
+    return python
+  os.makedirs(cache_dir, exist_ok=True)
+  if not os.path.exists(python):
+    subprocess.run([_find_python312(), '-m', 'venv', venv], check=True)
+  wheels = os.path.join(cache_dir, 'wheels')
+  subprocess.run([python, '-m', 'pip', 'download', '--no-deps', '-d', wheels,
+                  f'maxtext=={MAXTEXT_VERSION}'], check=True)
+  wheel = glob.glob(os.path.join(wheels, f'maxtext-{MAXTEXT_VERSION}-*.whl'))[0]
+  with zipfile.ZipFile(wheel) as z:
+    lines = z.read(REQUIREMENTS).decode().splitlines()
+  requirements = os.path.join(cache_dir, 'cpu-requirements.txt')
+  with open(requirements, 'w') as f:
+    f.writelines(line + '\n' for line in lines
+                 if not re.search('cuda|nvidia', line, re.IGNORECASE))
+  subprocess.run([python, '-m', 'pip', 'install', '-r', requirements], check=True)
+  subprocess.run([python, '-m', 'pip', 'install', '--no-deps', wheel], check=True)
+  return python
+
+
+def run_maxtext(python: str, devices: int, args: argparse.Namespace, run: str) -> float:
+  """Tokens/s of one MaxText run: timed steps over the sum of their logged seconds."""
+  base_yml = subprocess.run(
+      [python, '-c', 'import maxtext, os; print(os.path.join(os.path.dirname('
+       'maxtext.__file__), "configs", "base.yml"))'],
+      check=True, capture_output=True, text=True).stdout.strip()
+  env = dict(os.environ, DECOUPLE_GCLOUD='TRUE', JAX_PLATFORMS='cpu', JOB_INDEX='0',
+             JOB_COMPLETION_INDEX='0', PROCESSES_IN_JOB='1', JAX_PROCESS_COUNT='1',
+             JAX_COORDINATOR_ADDRESS='127.0.0.1')
+  env.pop('XLA_FLAGS', None)
+  overrides = [f'per_device_batch_size={BATCH // devices}']
+  if devices > 1:
+    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+    overrides += [f'ici_data_parallelism={devices}', 'ici_fsdp_parallelism=1']
+  steps = args.warmup + args.steps
+  cmd = [python, '-m', 'maxtext.trainers.pre_train.train', base_yml, f'run_name={run}',
+         f'base_output_directory={os.path.join(args.cache_dir, "out")}', 'hardware=cpu',
+         'dataset_type=synthetic', 'enable_checkpointing=false', 'enable_tensorboard=false',
+         f'steps={steps}', *MAXTEXT_MODEL, *overrides]
+  out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+  seconds = {int(m[1]): float(m[2]) for m in re.finditer(
+      r'completed step: (\d+), seconds: ([\d.]+)', out.stdout + out.stderr)}
+  timed = [seconds.get(i) for i in range(args.warmup, steps)]
+  if out.returncode or None in timed:
+    sys.stderr.write((out.stdout + out.stderr)[-5000:])
+    raise SystemExit(f'MaxText run failed (exit {out.returncode}).')
+  return args.steps * BATCH * SEQ_LEN / sum(timed)
+
+
+# ---------------------------------------------------------------------------
+# pause_flax (a worker process, so that each gets its own device count).
+
+
+def pause_flax_worker(args: argparse.Namespace) -> None:
+  """Prints {"tokens_per_s": ...} for `bench_4l` on a data-parallel mesh."""
+  import jax
+  import numpy as np
+
+  from pause_flax import parallel
+  from pause_flax.model import transformer
+  from pause_flax.training import optimizer, trainer
+
+  config = transformer.model_config('bench_4l', max_len=SEQ_LEN)
+  mesh = parallel.make_mesh(data=jax.device_count(), fsdp=1, tensor=1)
+  options = trainer.StepOptions(loss_chunk_len=args.loss_chunk_len or None)
+  step = trainer.Trainer(config, optimizer.make_optimizer(optimizer.make_schedule(1e-4, 10**6)),
+                         mesh, options=options)
+  tokens = np.random.default_rng(0).integers(0, config.vocab_size, (BATCH, SEQ_LEN + 1),
+                                             dtype=np.int32)
+  batch = jax.device_put({
+      'decoder_input_tokens': tokens[:, :-1],
+      'decoder_target_tokens': tokens[:, 1:],
+      'decoder_loss_weights': np.ones((BATCH, SEQ_LEN), np.float32),
+  }, step.batch_sharding)
+  state = step.init(0)
+  for _ in range(1 + args.warmup):
+    state, _ = step.train_step(state, batch)
+  jax.block_until_ready(state)
+  start = time.perf_counter()
+  for _ in range(args.steps):
+    state, _ = step.train_step(state, batch)
+  jax.block_until_ready(state)
+  print(json.dumps({'tokens_per_s': args.steps * BATCH * SEQ_LEN / (time.perf_counter() - start)}))
+
+
+def run_pause_flax(devices: int, args: argparse.Namespace) -> float:
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  cmd = [sys.executable, os.path.abspath(__file__), '--worker', f'--devices={devices}',
+         f'--steps={args.steps}', f'--warmup={args.warmup}',
+         f'--loss_chunk_len={args.loss_chunk_len}']
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env['PYTHONPATH'] = os.pathsep.join(filter(None, [repo, env.get('PYTHONPATH')]))
+  out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=repo)
+  if out.returncode:
+    sys.stderr.write(out.stderr[-5000:])
+    raise SystemExit(f'pause_flax run failed (exit {out.returncode}).')
+  return json.loads(out.stdout.strip().splitlines()[-1])['tokens_per_s']
+
+
+def matmul_peak() -> float:
+  """Best f32 square-matmul FLOP/s on this host (a subprocess: one device)."""
+  code = ('from pause_flax.training import metrics; '
+          'print(max(metrics.measure_matmul_peak(n, repeats=10) for n in (512, 1024, 2048)))')
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                       cwd=repo, check=True)
+  return float(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+  args = parse_args()
+  if args.worker:
+    pause_flax_worker(args)
+    return
+  settings = args.settings.split(',')
+  python = ensure_maxtext(args.cache_dir) if any(s.startswith('maxtext') for s in settings) \
+      else None
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from pause_flax.model import transformer
+  flops = transformer.flops_per_token(transformer.model_config('bench_4l'), SEQ_LEN)
+  rates: dict[str, list[float]] = {s: [] for s in settings}
+  peaks, loads = [matmul_peak()], []
+  for r in range(args.rounds):
+    for setting in settings[r % len(settings):] + settings[:r % len(settings)]:
+      framework, devices = setting.split(':')
+      loads.append(os.getloadavg()[0])
+      rate = (run_maxtext(python, int(devices), args, f'bench_{r}_{devices}')
+              if framework == 'maxtext' else run_pause_flax(int(devices), args))
+      rates[setting].append(rate)
+      print(f'round {r}: {setting} {rate:,.0f} tokens/s (load {loads[-1]:.1f})', flush=True)
+    peaks.append(matmul_peak())
+  peak = max(peaks)
+  print(f'\n{os.cpu_count()} CPUs, load average {min(loads):.1f}-{max(loads):.1f} during runs; '
+        f'f32 matmul peak {peak / 1e9:.0f} GFLOP/s (measurements '
+        + ', '.join(f'{p / 1e9:.0f}' for p in peaks) + f'); {flops / 1e6:.1f} MFLOP/token; '
+        f'{args.rounds} rounds x {args.steps} steps')
+  print('| framework | devices | tokens/s (median) | min-max | MFU |')
+  print('| --- | ---: | ---: | ---: | ---: |')
+  median = {s: statistics.median(v) for s, v in rates.items()}
+  for s, v in rates.items():
+    framework, devices = s.split(':')
+    print(f'| {framework} | {devices} | {median[s]:,.0f} | {min(v):,.0f}-{max(v):,.0f} | '
+          f'{100 * flops * median[s] / peak:.0f}% |')
+  best = {f: max((m for s, m in median.items() if s.startswith(f)), default=None)
+          for f in ('pause_flax', 'maxtext')}
+  if None not in best.values():
+    print(f'\npause_flax best / MaxText best: {best["pause_flax"] / best["maxtext"]:.2f}x')
+    for r in range(args.rounds):
+      round_best = {f: max(v[r] for s, v in rates.items() if s.startswith(f)) for f in best}
+      print(f'round {r}: {round_best["pause_flax"] / round_best["maxtext"]:.2f}x')
+
+
+if __name__ == '__main__':
+  main()
