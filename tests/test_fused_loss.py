@@ -1,12 +1,17 @@
 """The fused output projection + cross-entropy equals the plain logits path."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pause_flax import parallel
+from pause_flax.model import transformer
 from pause_flax.model.transformer import PAD_LOGIT
 from pause_flax.training import loss as loss_lib
+from pause_flax.training import optimizer, trainer
 
 B, L, D, V, VOCAB = 3, 13, 16, 128, 120  # V padded past the real VOCAB
 
@@ -94,3 +99,30 @@ def test_rejects_bad_chunk_len():
   h, head, targets, weights = _inputs()
   with pytest.raises(ValueError, match='chunk_len'):
     _fused(h, head, targets, weights, 0.0, 0)
+
+
+@pytest.mark.parametrize('tie', [False, True])
+@pytest.mark.parametrize('data', [1, 2])
+def test_trainer_step_equals_plain_logits_path(tie, data):
+  config = dataclasses.replace(transformer.model_config('tiny'), vocab_size=250,
+                               tie_embeddings=tie, max_len=16)  # padded to 256
+  mesh = parallel.make_mesh(data=data, fsdp=1, devices=jax.devices()[:data])
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 250, (4, 17)).astype(np.int32)
+  batch = {'decoder_input_tokens': tokens[:, :-1], 'decoder_target_tokens': tokens[:, 1:],
+           'decoder_loss_weights': (rng.random((4, 16)) > 0.2).astype(np.float32)}
+  results = []
+  for chunk_len in (None, 5):
+    step = trainer.Trainer(
+        config, optimizer.make_optimizer(1e-2, eps=1e-3), mesh,
+        options=trainer.StepOptions(z_loss=1e-3, loss_chunk_len=chunk_len))
+    state = step.init(0)
+    for _ in range(2):
+      state, metrics = step.train_step(state, jax.device_put(batch, step.batch_sharding))
+    results.append((jax.device_get(metrics), jax.device_get(state.params)))
+  (metrics_plain, params_plain), (metrics_fused, params_fused) = results
+  for name in ('loss', 'cross_entropy', 'z_loss', 'accuracy', 'grad_norm'):
+    np.testing.assert_allclose(metrics_fused[name], metrics_plain[name], rtol=1e-5,
+                               err_msg=name)
+  for a, b in zip(jax.tree.leaves(params_plain), jax.tree.leaves(params_fused)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
