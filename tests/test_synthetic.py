@@ -20,6 +20,11 @@ def _solve(question: str) -> str:
   body = question[:-1]
   if body.startswith("sum%10 "):
     return str(sum(map(int, body.split()[1])) % 10)
+  if body.startswith("sum3 "):
+    return str(sum(int(c) for c in body.split()[1]) % 10)
+  if body.startswith("count "):
+    _, letter, letters = body.split()
+    return str(sum(c == letter for c in letters))
   if body.startswith("ptr "):
     *edges, query = body.split()[1:]
     succ = dict(edge.split(">") for edge in edges)

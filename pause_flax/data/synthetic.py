@@ -64,11 +64,23 @@ def _pointer(rng: random.Random) -> tuple[str, str]:
   return f"ptr {' '.join(edges)} {start}*{steps}=", node
 
 
+def _sum3(rng: random.Random) -> tuple[str, str]:
+  digits = [rng.randrange(10) for _ in range(3)]
+  return f"sum3 {''.join(map(str, digits))}=", str(sum(digits) % 10)
+
+
+def _count(rng: random.Random) -> tuple[str, str]:
+  letters = "".join(rng.choice("abcd") for _ in range(rng.randint(8, 20)))
+  return f"count a {letters}=", str(letters.count("a"))
+
+
 # name -> generator of one (inputs, targets) pair.
 DOWNSTREAM_GENERATORS: Mapping[str, Callable[[random.Random], tuple[str, str]]] = {
     "addition": _addition,
     "digit_sum": _digit_sum,
     "pointer": _pointer,
+    "sum3": _sum3,        # (a + b + c) mod 10: three digits combined in one step
+    "count": _count,      # occurrences of 'a' among 8-20 letters
 }
 
 
