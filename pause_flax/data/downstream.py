@@ -33,7 +33,7 @@ metric. Rank-classification Tasks give one example per (prompt, option):
 finetuning target), other splits keep every option for scoring.
 
 Nothing is read at import: the TFDS builders and the vocabulary are opened on
-first use. Data come from a TFDS data_dir prepared beforehand (README.md, "Downstream tasks").
+first use. Data come from a TFDS data_dir prepared beforehand (README.md, 'Downstream tasks').
 """
 
 from __future__ import annotations
@@ -395,7 +395,7 @@ def register_downstream_tasks(
   if data_dir is not None and not tf.io.gfile.isdir(data_dir):
     raise FileNotFoundError(
         f"Downstream data_dir={data_dir!r} does not exist; point it at a TFDS "
-        "data_dir holding the prepared datasets (README.md, "Downstream tasks"), or pass "
+        "data_dir holding the prepared datasets (README.md, 'Downstream tasks'), or pass "
         "None for TFDS's default.")
   resolved = _resolve_num_pauses(num_pauses)
   vocabulary = vocabulary or seqio.SentencePieceVocabulary(
