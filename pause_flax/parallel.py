@@ -149,31 +149,10 @@ def state_shardings(state, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES):
 
   def one(x):
     if isinstance(x, nnx.Variable):
-      names = _variable_names(x)
-      value = x.get_value() if hasattr(x, "get_value") else x.value
-      ndim = getattr(value, "ndim", 0)
-      if names is None or len(names) != ndim:
-        names = None
-      return x.replace(logical_sharding(mesh, names, rules))
+      return x.replace(logical_sharding(mesh, variable_logical_names(x), rules))
     return NamedSharding(mesh, P())
 
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-def tree_shardings(tree, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES):
-  """Like state_shardings but returns plain NamedShardings (no Variable boxes)."""
-  from flax import nnx
-
-  def one(x):
-    if isinstance(x, nnx.Variable):
-      names = _variable_names(x)
-      value = x.get_value() if hasattr(x, "get_value") else x.value
-      if names is None or len(names) != getattr(value, "ndim", 0):
-        names = None
-      return logical_sharding(mesh, names, rules)
-    return NamedSharding(mesh, P())
-
-  return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 # ---------------------------------------------------------------------------

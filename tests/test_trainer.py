@@ -98,9 +98,8 @@ def test_params_are_created_sharded():
   state = trainer.init(0)
   specs = {str(x.sharding.spec) for x in jax.tree.leaves(state.params)}
   assert any("fsdp" in s for s in specs) and any("tensor" in s for s in specs), specs
-  mu = state.opt_state[0].mu if hasattr(state.opt_state[0], "mu") else None
   leaves = jax.tree.leaves(state.opt_state)
-  assert any("fsdp" in str(x.sharding.spec) for x in leaves if x.ndim >= 2), mu
+  assert any("fsdp" in str(x.sharding.spec) for x in leaves if x.ndim >= 2)
 
 
 def test_gradient_accumulation_matches_full_batch():
@@ -154,8 +153,7 @@ def test_schedules_warm_up_then_decay(decay):
 
 def test_weight_decay_skips_vectors():
   params = {"w": jnp.ones((3, 3)), "scale": jnp.ones((3,))}
-  tx = optimizer_lib.make_optimizer(0.0, weight_decay=0.5, clip_norm=None)
-  # With lr 0 nothing moves; use lr 1 and zero grads: only decay moves weights.
+  # Zero gradients: only weight decay can move a parameter.
   tx = optimizer_lib.make_optimizer(1.0, weight_decay=0.5, clip_norm=None)
   updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
   assert float(jnp.abs(updates["w"]).sum()) > 0

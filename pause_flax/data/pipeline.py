@@ -10,7 +10,7 @@ batch into one global array per feature with
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -118,11 +118,6 @@ def get_dataset(name: str, feature_lengths: Mapping[str, int], global_batch_size
     ds = tf.data.Dataset.zip(tuple(shards)).map(
         lambda *parts: {k: tf.concat([p[k] for p in parts], axis=0) for k in parts[0]})
   return ds.prefetch(tf.data.AUTOTUNE)
-
-
-def as_numpy(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
-  for batch in ds.as_numpy_iterator():
-    yield batch
 
 
 def to_global(batch: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding,

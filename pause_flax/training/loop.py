@@ -272,12 +272,11 @@ def _initial_state(trainer: trainer_lib.Trainer, ckpt: checkpointing.Checkpointe
     logging.info("Resumed from %s at step %d.", ckpt.directory, step)
     return trainer_lib.TrainState(step=jax.device_put(np.int32(step), trainer.replicated),
                                   params=params, opt_state=opt_state)
-  state = trainer.init(seed)
-  if init_from:
-    params = checkpointing.load_params(init_from, trainer)
-    state = trainer.fresh_state(params)
-    logging.info("Initialised parameters from %s (optimizer state fresh).", init_from)
-  return state
+  if not init_from:
+    return trainer.init(seed)
+  params = checkpointing.load_params(init_from, trainer)
+  logging.info("Initialised parameters from %s (optimizer state fresh).", init_from)
+  return trainer.fresh_state(params)
 
 
 def _init_from_vocab_size(init_from: str) -> int | None:
