@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 
 def parse_args() -> argparse.Namespace:
@@ -45,7 +44,7 @@ def parse_args() -> argparse.Namespace:
 def measure(name: str, batch_size: int, args: argparse.Namespace) -> dict:
   """Tokens/s and MFU of one model at one batch size (raises on out-of-memory)."""
   import jax
-  import numpy as np
+  import step_timing
 
   from pause_flax import parallel
   from pause_flax.model import transformer
@@ -56,24 +55,8 @@ def measure(name: str, batch_size: int, args: argparse.Namespace) -> dict:
   step = trainer.Trainer(
       config, optimizer.make_optimizer(optimizer.make_schedule(1e-4, 10**6)),
       parallel.make_mesh(), options=trainer.StepOptions(loss_chunk_len=args.loss_chunk_len or None))
-  tokens = np.random.default_rng(0).integers(0, config.vocab_size,
-                                             (batch_size, args.seq_len + 1), dtype=np.int32)
-  batch = jax.device_put({
-      'decoder_input_tokens': tokens[:, :-1],
-      'decoder_target_tokens': tokens[:, 1:],
-      'decoder_loss_weights': np.ones((batch_size, args.seq_len), np.float32),
-  }, step.batch_sharding)
-  state = step.init(0)
-  for _ in range(args.warmup):
-    state, metrics = step.train_step(state, batch)
-  jax.block_until_ready(state)
-  rates = []
-  for _ in range(args.repeats):
-    start = time.perf_counter()
-    for _ in range(args.steps):
-      state, metrics = step.train_step(state, batch)
-    jax.block_until_ready(state)
-    rates.append(args.steps * batch_size * args.seq_len / (time.perf_counter() - start))
+  rates, metrics = step_timing.tokens_per_second(step, batch_size, args.seq_len, warmup=args.warmup,
+                                        steps=args.steps, repeats=args.repeats)
   from pause_flax.training import metrics as metrics_lib
   peak = metrics_lib.peak_flops_per_device(args.peak or None) * jax.device_count()
   rate = statistics.median(rates)

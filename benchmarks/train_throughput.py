@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 
 def parse_args() -> argparse.Namespace:
@@ -54,7 +53,7 @@ def set_device_count(devices: int) -> None:
 def benchmark(args: argparse.Namespace) -> None:
   # Imported here, after set_device_count.
   import jax
-  import numpy as np
+  import step_timing
 
   from pause_flax import parallel
   from pause_flax.model import transformer
@@ -72,29 +71,13 @@ def benchmark(args: argparse.Namespace) -> None:
         + f' GFLOP/s (using {peak / 1e9:.1f})')
   print('| model | params | tokens/s (median) | min-max | step (ms) | model GFLOP/s | MFU |')
   print('| --- | --- | --- | --- | --- | --- | --- |')
-  rng = np.random.default_rng(0)
   for name in args.models.split(','):
     config = transformer.model_config(name, dtype=args.dtype, max_len=args.seq_len)
     schedule = optimizer.make_schedule(1e-4, 10**6)
     step = trainer.Trainer(config, optimizer.make_optimizer(schedule), mesh)
-    tokens = rng.integers(0, config.vocab_size, (args.batch_size, args.seq_len + 1),
-                          dtype=np.int32)
-    batch = jax.device_put({
-        'decoder_input_tokens': tokens[:, :-1],
-        'decoder_target_tokens': tokens[:, 1:],
-        'decoder_loss_weights': np.ones((args.batch_size, args.seq_len), np.float32),
-    }, step.batch_sharding)
-    state = step.init(0)
-    for _ in range(args.warmup):
-      state, _ = step.train_step(state, batch)
-    jax.block_until_ready(state)
-    rates = []
-    for _ in range(args.repeats):
-      start = time.perf_counter()
-      for _ in range(args.steps):
-        state, _ = step.train_step(state, batch)
-      jax.block_until_ready(state)
-      rates.append(args.steps * tokens_per_step / (time.perf_counter() - start))
+    rates, _ = step_timing.tokens_per_second(step, args.batch_size, args.seq_len,
+                                          warmup=args.warmup, steps=args.steps,
+                                          repeats=args.repeats)
     rate = statistics.median(rates)
     flops = transformer.flops_per_token(config, args.seq_len) * rate
     print(f'| {name} | {transformer.num_params(config) / 1e6:.2f}M | {rate:,.0f} | '
