@@ -65,6 +65,64 @@ def test_packing_matches_separate_rows(model, forward):
   np.testing.assert_allclose(out[:, 3:7], forward(model, seg2), atol=1e-5, rtol=1e-5)
 
 
+def test_causal_flag_equals_explicit_mask(model, forward):
+  # No segment ids: causality comes from is_causal alone; one segment: from the mask too.
+  tokens = _tokens((2, 9))
+  np.testing.assert_allclose(
+      forward(model, tokens), forward(model, tokens, segment_ids_BxL=jnp.ones((2, 9), jnp.int32)),
+      atol=1e-6, rtol=1e-6)
+
+
+def test_attention_impl_resolution():
+  bf16 = dataclasses.replace(TINY, dtype='bfloat16')
+  assert bf16.resolved_attention_impl('gpu') == 'cudnn'
+  assert bf16.resolved_attention_impl('cpu') == 'xla'
+  assert bf16.resolved_attention_impl('tpu') == 'xla'
+  assert TINY.resolved_attention_impl('gpu') == 'xla'  # float32
+  assert dataclasses.replace(bf16, head_dim=256).resolved_attention_impl('gpu') == 'xla'
+  assert dataclasses.replace(bf16, attention_impl='xla').resolved_attention_impl('gpu') == 'xla'
+  assert dataclasses.replace(TINY, attention_impl='cudnn').resolved_attention_impl('cpu') == 'cudnn'
+  # cuDNN's training kernels take even lengths only.
+  assert bf16.resolved_attention_impl('gpu', seq_len=37) == 'xla'
+  assert bf16.resolved_attention_impl('gpu', seq_len=38) == 'cudnn'
+
+
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN attention needs an NVIDIA GPU')
+@pytest.mark.parametrize('length, packed', [(64, False), (37, False), (38, True), (37, True)])
+def test_cudnn_attention_matches_xla(length, packed):
+  """'auto' (cuDNN, or XLA at odd lengths) equals 'xla', forward and gradient."""
+  cfg = dataclasses.replace(TINY, dtype='bfloat16', d_model=128, num_heads=2)
+  assert cfg.resolved_attention_impl(seq_len=length) == ('xla' if length % 2 else 'cudnn')
+  xla = tfm.Transformer(dataclasses.replace(cfg, attention_impl='xla'), rngs=nnx.Rngs(0))
+  cudnn = tfm.Transformer(cfg, rngs=nnx.Rngs(0))
+  tokens = _tokens((2, length))
+  kwargs = {}
+  if packed:  # two documents and padding per row
+    rows = [(20, 12), (30, length - 30)]
+    segment_ids = jnp.array([[1] * a + [2] * b + [0] * (length - a - b) for a, b in rows])
+    kwargs = dict(segment_ids_BxL=segment_ids,
+                  positions_BxL=jnp.array([list(range(a)) + list(range(length - a))
+                                           for a, _ in rows]))
+  # Padding attends among itself; compare real tokens (forward and gradient).
+  real = (segment_ids > 0)[..., None] if packed else jnp.ones((2, length, 1))
+  probe = jax.random.normal(jax.random.key(1), (2, length, cfg.d_model)) * real
+
+  def loss(model):
+    return jnp.sum(model.hidden(tokens, **kwargs).astype(jnp.float32) * probe)
+
+  def rel(a, b):
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a))
+
+  a = xla.hidden(tokens, **kwargs).astype(jnp.float32) * real
+  b = cudnn.hidden(tokens, **kwargs).astype(jnp.float32) * real
+  assert rel(a, b) < 1e-2
+  grads_a = jax.tree.leaves(nnx.grad(loss)(xla))
+  grads_b = jax.tree.leaves(nnx.grad(loss)(cudnn))
+  assert len(grads_a) == len(grads_b) > 0
+  for ga, gb in zip(grads_a, grads_b):  # (the unused output head's gradient is zero in both)
+    assert float(jnp.linalg.norm(ga - gb)) <= 2e-2 * float(jnp.linalg.norm(ga)) + 1e-6
+
+
 def test_grouped_query_attention_equals_repeated_kv_heads():
   gqa_cfg = dataclasses.replace(TINY, num_kv_heads=2)
   gqa = tfm.Transformer(gqa_cfg, rngs=nnx.Rngs(1))
@@ -182,6 +240,8 @@ def test_bad_config_fails_clearly():
     dataclasses.replace(TINY, num_kv_heads=3)
   with pytest.raises(ValueError, match='remat_policy'):
     dataclasses.replace(TINY, remat_policy='some')
+  with pytest.raises(ValueError, match="attention_impl='flash'; choose 'auto'"):
+    dataclasses.replace(TINY, attention_impl='flash')
   with pytest.raises(ValueError, match='Unknown model config'):
     tfm.model_config('paper_7b')
 

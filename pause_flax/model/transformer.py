@@ -70,6 +70,11 @@ class TransformerConfig:
   # slicing them out of the stacked scan outputs; compile time grows with it.
   scan_unroll: int | bool = 1
   vocab_pad_multiple: int = 128
+  # jax.nn.dot_product_attention implementation of the full-sequence (no
+  # cache) forward: 'xla' anywhere, 'cudnn' (flash attention on NVIDIA GPUs,
+  # bf16/fp16, head_dim <= 128) or 'auto' (cudnn where it applies, else xla).
+  # Cached decoding always uses 'xla'.
+  attention_impl: str = 'auto'
 
   def __post_init__(self):
     for name in ('vocab_size', 'num_layers', 'd_model', 'num_heads', 'mlp_dim',
@@ -95,6 +100,9 @@ class TransformerConfig:
     if not isinstance(self.scan_unroll, bool) and (
         not isinstance(self.scan_unroll, int) or self.scan_unroll < 1):
       raise ValueError(f'scan_unroll={self.scan_unroll!r} must be True, False or an int >= 1.')
+    if self.attention_impl not in ('auto', 'xla', 'cudnn'):
+      raise ValueError(
+          f"attention_impl={self.attention_impl!r}; choose 'auto', 'xla' or 'cudnn'.")
     for name in ('dtype', 'param_dtype'):
       try:
         jnp.dtype(getattr(self, name))
@@ -108,6 +116,20 @@ class TransformerConfig:
   @property
   def resolved_kv_heads(self) -> int:
     return self.num_kv_heads if self.num_kv_heads is not None else self.num_heads
+
+  def resolved_attention_impl(self, backend: str | None = None, *, seq_len: int = 0) -> str:
+    """'xla' or 'cudnn' for a full-sequence forward of `seq_len` positions.
+
+    'auto' picks cudnn on a GPU for bf16/fp16, head_dim <= 128 (a multiple of
+    8) and an even length (cuDNN's training kernels refuse odd ones).
+    """
+    if self.attention_impl != 'auto':
+      return self.attention_impl
+    backend = backend or jax.default_backend()
+    fits = (jnp.dtype(self.dtype) in (jnp.bfloat16, jnp.float16)
+            and self.resolved_head_dim <= 128 and self.resolved_head_dim % 8 == 0
+            and seq_len % 2 == 0)
+    return 'cudnn' if backend == 'gpu' and fits else 'xla'
 
   @property
   def padded_vocab_size(self) -> int:
@@ -274,10 +296,16 @@ class Attention(nnx.Module):
     self.v_DxKxH = _param(rngs, 0.02, (d, k, h), ('embed', 'heads', 'kv'), c.param_dtype)
     self.o_NxHxD = _param(rngs, out_std, (n, h, d), ('heads', 'kv', 'embed'), c.param_dtype)
 
-  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, mask_Bx1xLxS: jax.Array,
-               kv: tuple[jax.Array, jax.Array] | None, index: jax.Array | None,
+  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,
+               mask_Bx1xLxS: jax.Array | None, kv: tuple[jax.Array, jax.Array] | None,
+               index: jax.Array | None,
                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-    """Returns the attention output and, with a cache `kv`, the updated (k, v)."""
+    """Returns the attention output and, with a cache `kv`, the updated (k, v).
+
+    Without a cache, attention is causal (query slot i sees keys 0..i) and
+    `mask_Bx1xLxS` (None: no segments) only narrows it; with a cache, the mask
+    is the whole rule.
+    """
     c = self.config
     dtype = x_BxLxD.dtype
     q_BxLxNxH = jnp.einsum('BLD,DNH->BLNH', x_BxLxD, self.q_DxNxH[...].astype(dtype))
@@ -299,7 +327,10 @@ class Attention(nnx.Module):
           kv[1], v_BxLxKxH.astype(kv[1].dtype), start), names)
       kv = (k_BxSxKxH, v_BxSxKxH)
     out_BxLxNxH = jax.nn.dot_product_attention(
-        q_BxLxNxH, k_BxSxKxH.astype(dtype), v_BxSxKxH.astype(dtype), mask=mask_Bx1xLxS)
+        q_BxLxNxH, k_BxSxKxH.astype(dtype), v_BxSxKxH.astype(dtype), mask=mask_Bx1xLxS,
+        is_causal=kv is None,
+        implementation=('xla' if kv is not None else
+                        c.resolved_attention_impl(seq_len=x_BxLxD.shape[1])))
     out_BxLxNxH = constrain(out_BxLxNxH, ('batch', 'length', 'heads', 'kv'))
     y_BxLxD = jnp.einsum('BLNH,NHD->BLD', out_BxLxNxH, self.o_NxHxD[...].astype(dtype))
     return y_BxLxD, kv
@@ -335,8 +366,9 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(config)
     self.mlp = Mlp(config, rngs=rngs)
 
-  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, mask_Bx1xLxS: jax.Array,
-               kv: tuple[jax.Array, jax.Array] | None, index: jax.Array | None,
+  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,
+               mask_Bx1xLxS: jax.Array | None, kv: tuple[jax.Array, jax.Array] | None,
+               index: jax.Array | None,
                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     y_BxLxD, kv = self.attn(self.attn_norm(x_BxLxD), positions_BxL, mask_Bx1xLxS, kv, index)
     x_BxLxD = constrain(x_BxLxD + y_BxLxD, ('batch', 'length', 'embed'))
@@ -388,16 +420,19 @@ class Transformer(nnx.Module):
     q_slots_L = index + jnp.arange(l, dtype=jnp.int32)
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(q_slots_L, (b, l))
-    if segment_ids_BxL is None:
-      segment_ids_BxL = jnp.ones((b, l), jnp.int32)
     if cache is None:
-      k_segment_ids_BxS = segment_ids_BxL
+      # Causality is the attention's own (is_causal, which cuDNN computes
+      # blockwise); a mask only for packed segments.
       kv = None
+      mask_Bx1xLxS = (None if segment_ids_BxL is None else
+                      _attention_mask(q_slots_L, segment_ids_BxL, segment_ids_BxL))
     else:
+      if segment_ids_BxL is None:
+        segment_ids_BxL = jnp.ones((b, l), jnp.int32)
       k_segment_ids_BxS = jax.lax.dynamic_update_slice(
           cache.segment_ids_BxS, segment_ids_BxL.astype(jnp.int32), (0, index))
       kv = (cache.k_YxBxSxKxH, cache.v_YxBxSxKxH)
-    mask_Bx1xLxS = _attention_mask(q_slots_L, segment_ids_BxL, k_segment_ids_BxS)
+      mask_Bx1xLxS = _attention_mask(q_slots_L, segment_ids_BxL, k_segment_ids_BxS)
 
     dtype = jnp.dtype(c.dtype)
     x_BxLxD = jnp.take(self.embedding_VxD[...].astype(dtype), tokens_BxL, axis=0)
