@@ -8,7 +8,10 @@ windows of --steps steps are timed (block_until_ready at each window's end);
 the median window gives tokens/s and MFU = model FLOPs/s
 (`transformer.flops_per_token`, remat not counted) over the device's dense
 bf16 peak (`metrics.peak_flops_per_device`: 989 TFLOP/s for H100/H200, or
---peak). Results are printed as a table and written as JSON to --out.
+--peak), and over the bf16 matmul rate measured on the device itself (an
+8192^3 product of random matrices). Attention is cuDNN flash attention on a
+GPU (--attention). Results are printed as a table and appended as JSON rows to
+--out, so several invocations (one process each) collect into one file.
 
   python benchmarks/gpu_mfu.py                          # both models, on the GPU
   python benchmarks/gpu_mfu.py --models tiny --seq_len 64 --batch_sizes tiny:4 \\
@@ -19,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import time
 
 
 def parse_args() -> argparse.Namespace:
@@ -35,10 +40,30 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument('--steps', type=int, default=10, help='steps per timed window')
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--warmup', type=int, default=2)
+  parser.add_argument('--attention', default='auto',
+                      help="attention_impl: 'xla', 'cudnn', or 'auto' (cudnn where it applies)")
   parser.add_argument('--peak', type=float, default=0.0,
                       help='peak FLOP/s per device (0: known chip, else measured)')
-  parser.add_argument('--out', default='gpu_mfu.json')
+  parser.add_argument('--tag', default='', help='label of this setting in the table and JSON')
+  parser.add_argument('--out', default='gpu_mfu.json', help='JSON rows, appended to')
   return parser.parse_args()
+
+
+def measured_matmul_rate(size: int = 8192, repeats: int = 10) -> float:
+  """FLOP/s of a size^3 bf16 product of random matrices (best of `repeats`)."""
+  import jax
+  import jax.numpy as jnp
+  ka, kb = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(ka, (size, size), jnp.bfloat16)
+  b = jax.random.normal(kb, (size, size), jnp.bfloat16)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, b).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    f(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * size**3 / best
 
 
 def measure(name: str, batch_size: int, args: argparse.Namespace) -> dict:
@@ -51,7 +76,8 @@ def measure(name: str, batch_size: int, args: argparse.Namespace) -> dict:
   from pause_flax.training import optimizer, trainer
 
   config = transformer.model_config(name, dtype=args.dtype, max_len=args.seq_len,
-                                    remat_policy=args.remat)
+                                    remat_policy=args.remat, attention_impl=args.attention)
+  attention = config.resolved_attention_impl(seq_len=args.seq_len)
   step = trainer.Trainer(
       config, optimizer.make_optimizer(optimizer.make_schedule(1e-4, 10**6)),
       parallel.make_mesh(), options=trainer.StepOptions(loss_chunk_len=args.loss_chunk_len or None))
@@ -63,9 +89,12 @@ def measure(name: str, batch_size: int, args: argparse.Namespace) -> dict:
   model_flops = transformer.flops_per_token(config, args.seq_len) * rate
   memory = jax.devices()[0].memory_stats() or {}
   return {
-      'model': name, 'device': jax.devices()[0].device_kind, 'devices': jax.device_count(),
+      'model': name, 'tag': args.tag, 'device': jax.devices()[0].device_kind,
+      'devices': jax.device_count(), 'jax': jax.__version__,
+      'xla_flags': os.environ.get('XLA_FLAGS', ''),
       'batch_size': batch_size, 'seq_len': args.seq_len, 'dtype': args.dtype,
-      'remat': args.remat, 'params': transformer.num_params(config),
+      'remat': args.remat, 'attention': attention, 'loss_chunk_len': args.loss_chunk_len,
+      'params': transformer.num_params(config),
       'tokens_per_s': rate, 'tokens_per_s_all': rates,
       'step_ms': 1e3 * batch_size * args.seq_len / rate,
       'model_tflops_per_s': model_flops / 1e12, 'peak_tflops_per_s': peak / 1e12,
@@ -79,6 +108,7 @@ def main() -> None:
   import jax
 
   first = dict(item.split(':') for item in args.batch_sizes.split(','))
+  matmul_rate = measured_matmul_rate() if jax.default_backend() == 'gpu' else 0.0
   results = []
   for name in args.models.split(','):
     batch_size = int(first.get(name, 8))
@@ -92,15 +122,26 @@ def main() -> None:
         print(f'{name}: batch {batch_size} out of memory, trying {batch_size // 2}', flush=True)
         batch_size //= 2
         jax.clear_caches()
-  with open(args.out, 'w') as f:
-    json.dump(results, f, indent=1)
-  print('| model | device | batch x length | tokens/s | step (ms) | model TFLOP/s | MFU '
-        '| peak memory (GiB) |')
-  print('| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |')
   for r in results:
-    print(f"| {r['model']} | {r['device']} | {r['batch_size']} x {r['seq_len']} | "
+    r['measured_matmul_tflops_per_s'] = matmul_rate / 1e12
+    r['mfu_of_measured'] = (r['model_tflops_per_s'] * 1e12 / (matmul_rate * r['devices'])
+                            if matmul_rate else None)
+  previous = []
+  if os.path.exists(args.out):
+    with open(args.out) as f:
+      previous = json.load(f)
+  with open(args.out, 'w') as f:
+    json.dump(previous + results, f, indent=1)
+  print('| model | setting | device | batch x length | tokens/s | step (ms) | model TFLOP/s | MFU '
+        '| MFU of measured matmul | peak memory (GiB) |')
+  print('| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |')
+  for r in results:
+    of_measured = (f"{100 * r['mfu_of_measured']:.1f}% of {r['measured_matmul_tflops_per_s']:.0f}"
+                   if r['mfu_of_measured'] else 'n/a')
+    setting = r['tag'] or f"{r['attention']}, remat {r['remat']}, chunk {r['loss_chunk_len']}"
+    print(f"| {r['model']} | {setting} | {r['device']} | {r['batch_size']} x {r['seq_len']} | "
           f"{r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} | {r['model_tflops_per_s']:.1f} | "
-          f"{100 * r['mfu']:.1f}% | {r['peak_memory_gib']:.1f} |")
+          f"{100 * r['mfu']:.1f}% | {of_measured} | {r['peak_memory_gib']:.1f} |")
 
 
 if __name__ == '__main__':
