@@ -49,6 +49,8 @@ def test_sums_and_gradients_equal_plain_path(z_loss, chunk_len):
     np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-5,
                                err_msg=name)
   assert 0 < float(want.correct) < float(want.weight)  # the argmax count is exercised
+  argmax_BxL = jnp.argmax(jnp.einsum('BLD,DV->BLV', h, head)[..., :VOCAB], axis=-1)
+  assert float(want.correct) == float(jnp.sum(weights * (argmax_BxL == targets)))  # no ties
 
   grad_plain = jax.grad(lambda *a: _plain(*a, z_loss).loss, (0, 1, 3))
   grad_fused = jax.jit(jax.grad(lambda h, w, t, m: _fused(h, w, t, m, z_loss, chunk_len).loss,

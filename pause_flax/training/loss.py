@@ -26,7 +26,7 @@ class LossSums(NamedTuple):
   loss: jax.Array      # sum(w * (CE + z_loss * log(Z)^2))
   ce: jax.Array        # sum(w * CE)
   z: jax.Array         # sum(w * log(Z)^2)
-  correct: jax.Array   # sum(w * [argmax == target])
+  correct: jax.Array   # sum(w * [the target's logit is the largest]); a tie counts
   weight: jax.Array    # sum(w)
 
 
@@ -46,7 +46,7 @@ def cross_entropy_sums(logits_BxLxV: jax.Array, targets_BxL: jax.Array,
   keep = w > 0
   ce_BxL = jnp.where(keep, ce_BxL, 0.0)
   z_BxL = jnp.where(keep, z_BxL, 0.0)
-  correct_BxL = (jnp.argmax(logits, axis=-1) == targets_BxL).astype(jnp.float32)
+  correct_BxL = (target_logit_BxL >= jnp.max(logits, axis=-1)).astype(jnp.float32)
   ce = jnp.sum(w * ce_BxL)
   z = jnp.sum(w * z_BxL)
   return LossSums(loss=ce + z_loss * z, ce=ce, z=z,
@@ -64,7 +64,7 @@ def mean_loss(sums: LossSums) -> jax.Array:
 
 def _chunk_terms(h_BxCxD: jax.Array, head_DxV: jax.Array, targets_BxC: jax.Array,
                  vocab_size: int) -> tuple[jax.Array, ...]:
-  """Logits of one chunk (padded columns at PAD_LOGIT), log Z, target logit, argmax hit."""
+  """Logits of one chunk (padded columns at PAD_LOGIT), log Z, target logit, target is max."""
   logits_BxCxV = jnp.einsum('BCD,DV->BCV', h_BxCxD, head_DxV,
                             preferred_element_type=jnp.float32)
   col_V = jax.lax.broadcasted_iota(jnp.int32, (logits_BxCxV.shape[-1],), 0)
@@ -73,10 +73,7 @@ def _chunk_terms(h_BxCxD: jax.Array, head_DxV: jax.Array, targets_BxC: jax.Array
   max_BxC = jnp.max(logits_BxCxV, axis=-1)
   log_z_BxC = max_BxC + jnp.log(jnp.sum(jnp.exp(logits_BxCxV - max_BxC[..., None]), axis=-1))
   target_logit_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
-  # First index of the maximum, as jnp.argmax picks it.
-  first_max_BxC = jnp.min(jnp.where(logits_BxCxV == max_BxC[..., None], col_V,
-                                    logits_BxCxV.shape[-1]), axis=-1)
-  return logits_BxCxV, log_z_BxC, target_logit_BxC, first_max_BxC == targets_BxC
+  return logits_BxCxV, log_z_BxC, target_logit_BxC, target_logit_BxC >= max_BxC
 
 
 def _fused_scan(h_BxLxD: jax.Array, head_DxV: jax.Array, targets_BxL: jax.Array,
