@@ -1,6 +1,9 @@
 """Pause injection / appending and the T5-style LM steps."""
 
+import collections
 import functools
+import itertools
+import math
 
 import hypothesis
 import hypothesis.strategies as st
@@ -83,6 +86,23 @@ def test_inject_positions_are_uniform():
   per_slot = (outs == PAUSE).sum(axis=0)
   _, p_value = scipy.stats.chisquare(per_slot)  # equal expected per slot
   assert p_value > 1e-3, per_slot
+
+
+def test_inject_subsets_are_uniform():
+  """Joint law, not just per slot: each M-subset of the L + M slots is equally
+  likely, so a pattern P of pauses in the kept L slots has probability
+  C(M', M - |P|) / C(L + M, M), with M' the M slots that get cut."""
+  length, m, n = 3, 2, 3000
+  outs = _inject([[1, 2, 3]] * n, 5, num_pauses=m)
+  counts = collections.Counter(
+      tuple(t == PAUSE for t in out) for out in outs)
+  patterns = list(itertools.product([False, True], repeat=length))
+  patterns = [p for p in patterns if sum(p) <= m]
+  expected = [math.comb(m, m - sum(p)) / math.comb(length + m, m) * n
+              for p in patterns]
+  assert sum(counts.values()) == n and set(counts) <= set(patterns)
+  _, p_value = scipy.stats.chisquare([counts[p] for p in patterns], expected)
+  assert p_value > 1e-3, counts
 
 
 def test_inject_respects_sequence_length_and_vocab():
