@@ -122,8 +122,11 @@ def _fused_scan(h_BxLxD: jax.Array, head_DxV: jax.Array, targets_BxL: jax.Array,
         0.0).astype(h_BxCxD.dtype)
     dh_BxCxD = jnp.einsum('BCV,DV->BCD', dlogits_BxCxV, head_DxV,
                           preferred_element_type=jnp.float32).astype(h_BxCxD.dtype)
-    grouped = lambda x: x.reshape((g, b // g) + x.shape[1:])
-    dhead_GxDxV = dhead_GxDxV + jnp.einsum('GbCD,GbCV->GDV', grouped(h_BxCxD),
+    # Rows grouped by batch shard, (b, C) merged into one contraction axis T in
+    # memory order: contracting (b, C) as two axes let XLA permute them to
+    # (C, b), a copy of the whole [B, C, V] chunk gradient.
+    grouped = lambda x: x.reshape((g, (b // g) * x.shape[1], x.shape[2]))
+    dhead_GxDxV = dhead_GxDxV + jnp.einsum('GTD,GTV->GDV', grouped(h_BxCxD),
                                            grouped(dlogits_BxCxV),
                                            preferred_element_type=jnp.float32)
     return dhead_GxDxV, (terms, dh_BxCxD)
