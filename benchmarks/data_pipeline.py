@@ -7,7 +7,12 @@ reports examples/s, tokens/s and the pause/standard ratio. Runs alternate
 between the two pipelines and the best of `--repeats` is kept, which damps
 noise from other processes on the machine.
 
+With --step it instead times `inject_pauses` alone on in-memory length-L
+chunks: CPU microseconds per example of the bare source, of a seeded map that
+does nothing (seqio's per-example seeds and one map stage), and of the step.
+
   python benchmarks/data_pipeline.py --lengths 512,2048
+  python benchmarks/data_pipeline.py --lengths 512,2048 --step
 """
 
 import argparse
@@ -19,6 +24,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import seqio  # noqa: E402
 
+import tensorflow as tf  # noqa: E402
+
+from pause_flax.data import preprocessors  # noqa: E402
 from pause_flax.data import tasks  # noqa: E402
 
 
@@ -39,6 +47,32 @@ def _time(name: str, length: int, batch_size: int,
   return time.perf_counter() - wall, time.process_time() - cpu
 
 
+def _step_costs(length: int, examples: int,
+                repeats: int) -> dict[str, float]:
+  """CPU microseconds per example: source alone, + no-op seeded map, + step."""
+  def source():
+    chunk = {"targets": tf.range(1, length + 1, dtype=tf.int32)}
+    return tf.data.Dataset.from_tensors(chunk).repeat(examples)
+
+  noop = seqio.map_over_dataset(num_seeds=1)(lambda x, seed: x)
+  pipelines = {
+      "source": source,
+      "no-op seeded map": lambda: noop(source()),
+      "inject_pauses": lambda: preprocessors.inject_pauses(
+          source(), pause_id=length + 1),
+  }
+  best = {name: float("inf") for name in pipelines}
+  for _ in range(repeats):
+    for name, make in pipelines.items():
+      with seqio.utils.map_seed_manager(0):
+        ds = make()
+      ds.take(1).reduce(0, lambda n, _: n + 1)
+      cpu = time.process_time()
+      ds.reduce(0, lambda n, _: n + 1)
+      best[name] = min(best[name], time.process_time() - cpu)
+  return {name: t / examples * 1e6 for name, t in best.items()}
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--lengths", default="512,2048")
@@ -46,7 +80,16 @@ def main() -> None:
                       help="tokens read per timed run")
   parser.add_argument("--batch_size", type=int, default=8)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--step", action="store_true",
+                      help="time inject_pauses alone (CPU us per example)")
   args = parser.parse_args()
+  if args.step:
+    print(f"{'L':>5} {'pipeline':>20} {'CPU us/example':>15}")
+    for length in map(int, args.lengths.split(",")):
+      costs = _step_costs(length, max(1, args.tokens // length), args.repeats)
+      for name, cost in costs.items():
+        print(f"{length:>5} {name:>20} {cost:>15.1f}")
+    return
   print(f"{'L':>5} {'pipeline':>20} {'examples/s':>11} {'tokens/s':>11} "
         f"{'ratio':>6} {'examples/CPU-s':>15} {'ratio':>6}")
   for length in map(int, args.lengths.split(",")):
