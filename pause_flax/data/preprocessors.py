@@ -172,7 +172,7 @@ def inject_pauses(dataset: tf.data.Dataset,
       m = tf.cast(tf.round(fraction * tf.cast(length, tf.float64)), tf.int32)
     # A uniformly random permutation of the L + M slots; the M slots that get
     # the values below M hold the pauses, a uniformly random M-subset. Only
-    # the first L slots are kept. (One O(L) shuffle: cheaper than top_k.)
+    # the first L slots are kept.
     order = tf.random.experimental.stateless_shuffle(
         tf.range(length + m), seed=seed, alg="philox")
     is_real = order[:length] >= m
