@@ -68,6 +68,28 @@ def test_inject_seeds_differ_and_other_features_pass_through():
   assert ex["inputs"].tolist() == [5, 6]
 
 
+def test_inject_takes_one_seqio_seed_like_a_seeded_map():
+  """Later seeded preprocessors see the same seqio seeds as after any seeded map."""
+
+  @seqio.map_over_dataset(num_seeds=1)
+  def seed_of(x, seed):
+    del x
+    return seed
+
+  @seqio.map_over_dataset(num_seeds=1)
+  def other_seeded_map(x, seed):
+    del seed
+    return x
+
+  ds = _dataset([[1, 2, 3]])
+  with seqio.utils.map_seed_manager(3):
+    after_inject = seed_of(prep.inject_pauses(ds, pause_id=PAUSE, num_pauses=1))
+  with seqio.utils.map_seed_manager(3):
+    after_map = seed_of(other_seeded_map(ds))
+  seed = lambda d: np.asarray(next(d.as_numpy_iterator())).tolist()
+  assert seed(after_inject) == seed(after_map)
+
+
 def test_inject_count_matches_hypergeometric_mean():
   """M of L + M slots are pauses; the first L hold L*M/(L+M) on average."""
   length, fraction, n = 100, 0.1, 2000
@@ -116,7 +138,41 @@ def test_inject_respects_sequence_length_and_vocab():
   assert 0 < (ex["targets"] == vocab.pause_id).sum() <= 10
 
 
+@pytest.mark.parametrize("group_size", [1, 3, 64])
+def test_inject_groups_of_mixed_examples(group_size):
+  """Examples of different lengths (empty ones too) drawn in one group keep
+  their own length, their own pause count and every other feature as it was."""
+  lengths = [0, 7, 30, 1, 12, 0, 25]
+  rows = [{"targets": np.arange(1, n + 1, dtype=np.int32),
+           "inputs": np.full([n % 4, 2], n, np.int64), "id": np.int32(i),
+           "text": np.bytes_(b"x" * n)} for i, n in enumerate(lengths)]
+  spec = {"targets": tf.TensorSpec([None], tf.int32),
+          "inputs": tf.TensorSpec([None, 2], tf.int64),
+          "id": tf.TensorSpec([], tf.int32), "text": tf.TensorSpec([], tf.string)}
+  ds = tf.data.Dataset.from_generator(lambda: iter(rows), output_signature=spec)
+  with seqio.utils.map_seed_manager(4):
+    out = prep.inject_pauses(ds, pause_id=PAUSE, fraction=0.2, group_size=group_size)
+  assert out.element_spec == spec
+  got = list(out.as_numpy_iterator())
+  assert len(got) == len(rows)
+  for row, ex in zip(rows, got):
+    n = len(row["targets"])
+    tokens = ex["targets"].tolist()
+    pauses = tokens.count(PAUSE)
+    assert len(tokens) == n and pauses <= round(0.2 * n)
+    assert [t for t in tokens if t != PAUSE] == row["targets"].tolist()[:n - pauses]
+    for key in ("inputs", "id", "text"):
+      np.testing.assert_array_equal(ex[key], row[key])
+
+
+def test_inject_group_draws_are_independent():
+  """Identical examples in one group get different pause patterns."""
+  outs = _inject([list(range(1, 101))] * 64, 9, fraction=0.1)
+  assert len({tuple(o) for o in outs}) > 60
+
+
 @pytest.mark.parametrize("kwargs, message", [
+    (dict(group_size=0), r"group_size=0 is invalid"),
     (dict(fraction=1.0), r"fraction=1.0 is invalid.*\[0, 1\)"),
     (dict(fraction=-0.1), r"fraction=-0.1 is invalid"),
     (dict(fraction=None), r"fraction=None is invalid"),

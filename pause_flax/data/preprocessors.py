@@ -3,10 +3,10 @@
 All are plain `tf.data.Dataset -> tf.data.Dataset` functions that anyone can
 put in their own seqio Task (bind arguments with `functools.partial`; seqio
 passes `sequence_length` and `output_features` itself). The random one,
-`inject_pauses`, draws its randomness from seqio's per-example seeds
-(`seqio.map_over_dataset(num_seeds=1)` with stateless TF ops), so the same
-Task seed gives the same pauses, and a run resumed at example n sees exactly
-the data it would have seen.
+`inject_pauses`, draws its randomness from seqio's seeds
+(`seqio.map_over_dataset(num_seeds=1)`, one seed per group of examples, with
+stateless TF ops), so the same Task seed gives the same pauses, and a run
+resumed at example n sees exactly the data it would have seen.
 
 A pretraining Task looks like
 
@@ -122,7 +122,8 @@ def inject_pauses(dataset: tf.data.Dataset,
                   fraction: float | None = 0.1,
                   num_pauses: int | None = None,
                   pause_id: int | None = None,
-                  feature_key: str = "targets") -> tf.data.Dataset:
+                  feature_key: str = "targets",
+                  group_size: int = 64) -> tf.data.Dataset:
   """Inserts pauses at uniformly random positions, keeping the length.
 
   For an example whose `feature_key` has length L, M pauses are inserted at
@@ -146,6 +147,9 @@ def inject_pauses(dataset: tf.data.Dataset,
     pause_id: the id inserted; default: the feature's PauseVocabulary's.
       Pass an ordinary token id for a filler-token control.
     feature_key: the feature to lengthen and trim.
+    group_size: examples drawn together (one seqio seed and one set of ops
+      per group, for speed); each example's pauses are still independent and
+      uniform. The output depends on it, like on the seed.
 
   Returns:
     The dataset with pauses in `feature_key`; other features untouched.
@@ -160,29 +164,73 @@ def inject_pauses(dataset: tf.data.Dataset,
                                "inject_pauses")
   max_length = (sequence_length or {}).get(feature_key)
 
+  if group_size < 1:
+    raise ValueError(f"group_size={group_size!r} is invalid: use an integer >= 1.")
+  spec = dataset.element_spec
+  if not isinstance(spec, Mapping) or feature_key not in spec:
+    raise ValueError(f"inject_pauses: examples need a {feature_key!r} feature; got {spec}.")
+  # Features padded by padded_batch (a dimension of unknown size) get their
+  # shape recorded and are cut back after unbatching.
+  ragged = [k for k, v in spec.items() if not v.shape.is_fully_defined()]
+  for k in ragged:
+    if spec[k].shape.rank is None:
+      raise ValueError(f"inject_pauses: feature {k!r} has an unknown rank ({spec[k]}); "
+                       "give its examples a known rank (e.g. tf.ensure_shape).")
+
+  def _record(x):
+    x = dict(x)
+    if max_length is not None:
+      x[feature_key] = x[feature_key][:max_length]
+    shapes = {_SHAPE_KEY + k: tf.shape(x[k]) for k in ragged}
+    # One spare element per axis: TensorFlow crashes unbatching a dimension
+    # of size 0 (an empty example); the spare is cut off again.
+    return {**x, **{k: tf.pad(x[k], [[0, 1]] * spec[k].shape.rank) for k in ragged}, **shapes}
+
   @seqio.map_over_dataset(num_seeds=1)
   def _inject(x, seed):
-    tokens = x[feature_key]
-    if max_length is not None:
-      tokens = tokens[:max_length]
-    length = tf.size(tokens)
+    tokens_KxL = x[feature_key]
+    length_K = x[_SHAPE_KEY + feature_key][:, 0] if feature_key in ragged else tf.fill(
+        tf.shape(tokens_KxL)[:1], tf.shape(tokens_KxL)[1])
     if num_pauses is not None:
-      m = tf.constant(num_pauses, tf.int32)
+      m_K = tf.fill(tf.shape(length_K), tf.constant(num_pauses, tf.int32))
     else:
-      m = tf.cast(tf.round(fraction * tf.cast(length, tf.float64)), tf.int32)
-    # A uniformly random permutation of the L + M slots; the M slots that get
-    # the values below M hold the pauses, a uniformly random M-subset. Only
-    # the first L slots are kept.
-    order = tf.random.experimental.stateless_shuffle(
-        tf.range(length + m), seed=seed, alg="philox")
-    is_real = order[:length] >= m
-    # The (i+1)-th real slot holds token i.
-    source = tf.cumsum(tf.cast(is_real, tf.int32), exclusive=True)
-    out = tf.where(is_real, tf.gather(tokens, source),
-                   tf.cast(pause_id, tokens.dtype))
+      m_K = tf.cast(tf.round(fraction * tf.cast(length_K, tf.float64)), tf.int32)
+    # One spare slot past every row's L + M, so that the M-th smallest key
+    # below exists even for an empty row.
+    width = tf.shape(tokens_KxL)[1] + tf.reduce_max(tf.concat([m_K, [0]], 0)) + 1
+    # Each row's M pause slots: the M smallest of L + M uniformly random
+    # 64-bit keys (a uniformly random M-subset; ties have probability ~2^-50).
+    # Negated keys, so that top_k finds the smallest.
+    neg_keys_KxW = -tf.random.stateless_uniform(
+        tf.stack([tf.shape(tokens_KxL)[0], width]), seed=seed, dtype=tf.int64,
+        minval=0, maxval=tf.int64.max)
+    slot_W = tf.range(width)
+    valid_KxW = slot_W[None, :] < (length_K + m_K)[:, None]
+    neg_keys_KxW = tf.where(valid_KxW, neg_keys_KxW, tf.int64.min)
+    largest_KxM = tf.math.top_k(neg_keys_KxW, k=tf.maximum(tf.reduce_max(m_K), 1)).values
+    mth_K = tf.gather(largest_KxM, tf.maximum(m_K - 1, 0), batch_dims=1)
+    is_pause_KxW = valid_KxW & (neg_keys_KxW >= mth_K[:, None]) & (m_K[:, None] > 0)
+    # Only the first L slots are kept; the (i+1)-th real slot holds token i.
+    is_pause_KxL = is_pause_KxW[:, :tf.shape(tokens_KxL)[1]]
+    source_KxL = tf.cumsum(tf.cast(~is_pause_KxL, tf.int32), axis=1, exclusive=True)
+    out = tf.where(is_pause_KxL, tf.cast(pause_id, tokens_KxL.dtype),
+                   tf.gather(tokens_KxL, source_KxL, batch_dims=1))
     return {**x, feature_key: out}
 
-  return _inject(dataset)
+  def _restore(x):
+    out = {k: v for k, v in x.items() if not k.startswith(_SHAPE_KEY)}
+    for k in ragged:
+      shape = x[_SHAPE_KEY + k]
+      out[k] = tf.ensure_shape(tf.slice(out[k], tf.zeros_like(shape), shape), spec[k].shape)
+    return out
+
+  # Grouped so that each op runs once per group_size examples, not per example.
+  dataset = dataset.map(_record, num_parallel_calls=_AUTOTUNE)
+  dataset = _inject(dataset.padded_batch(group_size)).unbatch()
+  return dataset.map(_restore, num_parallel_calls=_AUTOTUNE)
+
+
+_SHAPE_KEY = "__inject_pauses_shape__/"
 
 
 def append_pauses(dataset: tf.data.Dataset,
