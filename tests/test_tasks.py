@@ -6,11 +6,10 @@ import importlib
 import numpy as np
 import pytest
 import seqio
-import sentencepiece as spm
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from tensorflow_datasets.core import registered
 
+from pause_flax.data import fake_c4 as fake_c4_lib
 from pause_flax.data import feature_converters as fc
 from pause_flax.data import tasks
 from pause_flax.vocab import PauseVocabulary
@@ -22,32 +21,9 @@ def fake_c4(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("c4")
   docs = [f"document {i} says " + "hello world " * (i % 7 + 1) for i in range(40)]
 
-  with registered.skip_registration():
-    class C4(tfds.core.GeneratorBasedBuilder):  # pylint: disable=unused-variable
-      VERSION = tfds.core.Version("3.0.1")
-      BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="en")]
-      code_path = None  # No checksums file to look up next to this code.
-
-      def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
-            {"text": tfds.features.Text(), "url": tfds.features.Text()}))
-
-      def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples(docs),
-                "validation": self._generate_examples(docs[:8])}
-
-      def _generate_examples(self, split_docs):
-        for i, text in enumerate(split_docs):
-          yield i, {"text": text, "url": f"https://example.com/{i}"}
-
-    C4(config="en", data_dir=str(tmp)).download_and_prepare()
-  corpus = tmp / "corpus.txt"
-  corpus.write_text("\n".join(docs * 5))
-  spm.SentencePieceTrainer.train(
-      input=str(corpus), model_prefix=str(tmp / "tiny"), vocab_size=30,
-      pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
-      minloglevel=2)
-  yield str(tmp), str(tmp / "tiny.model"), docs
+  data_dir = fake_c4_lib.write_c4(str(tmp), docs)
+  spm_path = fake_c4_lib.train_sentencepiece(str(tmp), docs * 5, vocab_size=30, name="tiny")
+  yield data_dir, spm_path, docs
   tasks.register_c4_tasks()  # Restore the defaults for other tests.
 
 
