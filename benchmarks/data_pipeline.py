@@ -7,16 +7,24 @@ reports examples/s, tokens/s and the pause/standard ratio. Runs alternate
 between the two pipelines and the best of `--repeats` is kept, which damps
 noise from other processes on the machine.
 
+With --corpus c4 the same comparison runs on the C4 Tasks (`c4_en_lm`,
+`c4_en_lm_pause`: SentencePiece tokenization, as for the real C4) over an
+offline C4 stand-in written to a temporary folder (`pause_flax.data.fake_c4`:
+the synthetic corpus's documents as c4/en:3.0.1, and a SentencePiece of
+--spm_vocab pieces trained on them).
+
 With --step it instead times `inject_pauses` alone on in-memory length-L
 chunks: CPU microseconds per example of the bare source, of a seeded map that
 does nothing (seqio's per-example seeds and one map stage), and of the step.
 
   python benchmarks/data_pipeline.py --lengths 512,2048
+  python benchmarks/data_pipeline.py --lengths 512,2048 --corpus c4
   python benchmarks/data_pipeline.py --lengths 512,2048 --step
 """
 
 import argparse
 import os
+import tempfile
 import time
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
@@ -26,8 +34,18 @@ import seqio  # noqa: E402
 
 import tensorflow as tf  # noqa: E402
 
+from pause_flax.data import fake_c4  # noqa: E402
 from pause_flax.data import preprocessors  # noqa: E402
+from pause_flax.data import synthetic  # noqa: E402
 from pause_flax.data import tasks  # noqa: E402
+
+
+def _register_c4(directory: str, spm_vocab: int) -> tuple[str, str]:
+  """The C4 Tasks over an offline stand-in; returns (standard, pause) names."""
+  docs = [synthetic.lm_document("train", i) for i in range(4000)]
+  data_dir = fake_c4.write_c4(directory, docs)
+  spm_path = fake_c4.train_sentencepiece(directory, docs, vocab_size=spm_vocab)
+  return tasks.register_c4_tasks(data_dir, spm_path)
 
 
 def _dataset(name: str, length: int, batch_size: int):
@@ -80,6 +98,11 @@ def main() -> None:
                       help="tokens read per timed run")
   parser.add_argument("--batch_size", type=int, default=8)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--corpus", default="synthetic", choices=("synthetic", "c4"),
+                      help="byte-level synthetic_lm, or the C4 Tasks (SentencePiece) "
+                           "over an offline C4 stand-in")
+  parser.add_argument("--spm_vocab", type=int, default=8000,
+                      help="--corpus c4: SentencePiece pieces")
   parser.add_argument("--step", action="store_true",
                       help="time inject_pauses alone (CPU us per example)")
   args = parser.parse_args()
@@ -90,11 +113,14 @@ def main() -> None:
       for name, cost in costs.items():
         print(f"{length:>5} {name:>20} {cost:>15.1f}")
     return
+  c4_names = None
+  if args.corpus == "c4":
+    c4_names = _register_c4(tempfile.mkdtemp(prefix="fake_c4_"), args.spm_vocab)
   print(f"{'L':>5} {'pipeline':>20} {'examples/s':>11} {'tokens/s':>11} "
         f"{'ratio':>6} {'examples/CPU-s':>15} {'ratio':>6}")
   for length in map(int, args.lengths.split(",")):
     batches = max(1, args.tokens // (length * args.batch_size))
-    names = ("synthetic_lm", "synthetic_lm_pause")
+    names = c4_names or ("synthetic_lm", "synthetic_lm_pause")
     wall = {name: float("inf") for name in names}
     cpu = dict(wall)
     for _ in range(args.repeats):
