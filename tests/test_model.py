@@ -123,6 +123,22 @@ def test_cudnn_attention_matches_xla(length, packed):
     assert float(jnp.linalg.norm(ga - gb)) <= 2e-2 * float(jnp.linalg.norm(ga)) + 1e-6
 
 
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_up_projection_gradient_equals_plain_matmul(dtype):
+  kx, kw, kd = jax.random.split(jax.random.key(3), 3)
+  x = jax.random.normal(kx, (2, 5, 16), dtype)
+  w = jax.random.normal(kw, (16, 48), dtype)
+  dy = jax.random.normal(kd, (2, 5, 48), dtype)
+  np.testing.assert_array_equal(tfm._up_projection(x, w), x @ w)
+  got = jax.vjp(tfm._up_projection, x, w)[1](dy)
+  want = jax.vjp(jnp.matmul, x, w)[1](dy)
+  tol = 1e-5 if dtype == 'float32' else 2e-2
+  for g, r in zip(got, want):
+    assert g.dtype == r.dtype and g.shape == r.shape
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32),
+                               rtol=tol, atol=tol)
+
+
 def test_grouped_query_attention_equals_repeated_kv_heads():
   gqa_cfg = dataclasses.replace(TINY, num_kv_heads=2)
   gqa = tfm.Transformer(gqa_cfg, rngs=nnx.Rngs(1))
