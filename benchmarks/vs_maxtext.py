@@ -32,7 +32,6 @@ import re
 import statistics
 import subprocess
 import sys
-import time
 import zipfile
 
 MAXTEXT_VERSION = '0.2.5'
@@ -138,7 +137,7 @@ def run_maxtext(python: str, devices: int, args: argparse.Namespace, run: str) -
 def pause_flax_worker(args: argparse.Namespace) -> None:
   """Prints {"tokens_per_s": ...} for `bench_4l` on a data-parallel mesh."""
   import jax
-  import numpy as np
+  import step_timing
 
   from pause_flax import parallel
   from pause_flax.model import transformer
@@ -149,22 +148,9 @@ def pause_flax_worker(args: argparse.Namespace) -> None:
   options = trainer.StepOptions(loss_chunk_len=args.loss_chunk_len or None)
   step = trainer.Trainer(config, optimizer.make_optimizer(optimizer.make_schedule(1e-4, 10**6)),
                          mesh, options=options)
-  tokens = np.random.default_rng(0).integers(0, config.vocab_size, (BATCH, SEQ_LEN + 1),
-                                             dtype=np.int32)
-  batch = jax.device_put({
-      'decoder_input_tokens': tokens[:, :-1],
-      'decoder_target_tokens': tokens[:, 1:],
-      'decoder_loss_weights': np.ones((BATCH, SEQ_LEN), np.float32),
-  }, step.batch_sharding)
-  state = step.init(0)
-  for _ in range(1 + args.warmup):
-    state, _ = step.train_step(state, batch)
-  jax.block_until_ready(state)
-  start = time.perf_counter()
-  for _ in range(args.steps):
-    state, _ = step.train_step(state, batch)
-  jax.block_until_ready(state)
-  print(json.dumps({'tokens_per_s': args.steps * BATCH * SEQ_LEN / (time.perf_counter() - start)}))
+  (rate,), _ = step_timing.tokens_per_second(step, BATCH, SEQ_LEN, warmup=1 + args.warmup,
+                                             steps=args.steps, repeats=1)
+  print(json.dumps({'tokens_per_s': rate}))
 
 
 def run_pause_flax(devices: int, args: argparse.Namespace) -> float:
