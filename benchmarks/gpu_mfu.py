@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import statistics
-import time
 
 
 def parse_args() -> argparse.Namespace:
@@ -47,23 +46,6 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument('--tag', default='', help='label of this setting in the table and JSON')
   parser.add_argument('--out', default='gpu_mfu.json', help='JSON rows, appended to')
   return parser.parse_args()
-
-
-def measured_matmul_rate(size: int = 8192, repeats: int = 10) -> float:
-  """FLOP/s of a size^3 bf16 product of random matrices (best of `repeats`)."""
-  import jax
-  import jax.numpy as jnp
-  ka, kb = jax.random.split(jax.random.key(0))
-  a = jax.random.normal(ka, (size, size), jnp.bfloat16)
-  b = jax.random.normal(kb, (size, size), jnp.bfloat16)
-  f = jax.jit(lambda x, y: x @ y)
-  f(a, b).block_until_ready()
-  best = float('inf')
-  for _ in range(repeats):
-    start = time.perf_counter()
-    f(a, b).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2 * size**3 / best
 
 
 def measure(name: str, batch_size: int, args: argparse.Namespace) -> dict:
@@ -108,7 +90,9 @@ def main() -> None:
   import jax
 
   first = dict(item.split(':') for item in args.batch_sizes.split(','))
-  matmul_rate = measured_matmul_rate() if jax.default_backend() == 'gpu' else 0.0
+  from pause_flax.training import metrics as metrics_lib
+  matmul_rate = (metrics_lib.measure_matmul_peak(8192, repeats=10, dtype=jax.numpy.bfloat16)
+                 if jax.default_backend() == 'gpu' else 0.0)
   results = []
   for name in args.models.split(','):
     batch_size = int(first.get(name, 8))

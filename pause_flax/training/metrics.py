@@ -31,15 +31,19 @@ _PEAK_FLOPS_BY_KIND = {
 
 def measure_matmul_peak(size: int = 1024, repeats: int = 5,
                         dtype: Any = np.float32) -> float:
-  """FLOP/s of a square jnp.dot on the default device (best of `repeats`)."""
-  import jax.numpy as jnp
-  a = jnp.ones((size, size), dtype)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
+  """FLOP/s of a square product of random matrices on the default device (best of `repeats`).
+
+  Random, not constant, data: some chips multiply zeros or ones measurably faster.
+  """
+  ka, kb = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(ka, (size, size), dtype)
+  b = jax.random.normal(kb, (size, size), dtype)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, b).block_until_ready()
   best = float("inf")
   for _ in range(repeats):
     t = time.perf_counter()
-    f(a).block_until_ready()
+    f(a, b).block_until_ready()
     best = min(best, time.perf_counter() - t)
   return 2 * size**3 / best
 
