@@ -1,6 +1,7 @@
 """The fused output projection + cross-entropy equals the plain logits path."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -34,17 +35,22 @@ def _plain(h_BxLxD, head_DxV, targets_BxL, weights_BxL, z_loss):
   return loss_lib.cross_entropy_sums(logits_BxLxV, targets_BxL, weights_BxL, z_loss)
 
 
-def _fused(h_BxLxD, head_DxV, targets_BxL, weights_BxL, z_loss, chunk_len):
+def _fused(h_BxLxD, head_DxV, targets_BxL, weights_BxL, z_loss, chunk_len, vocab_major=None,
+           batch_shards=1):
   return loss_lib.fused_cross_entropy_sums(h_BxLxD, head_DxV, targets_BxL, weights_BxL, z_loss,
-                                           vocab_size=VOCAB, chunk_len=chunk_len)
+                                           vocab_size=VOCAB, chunk_len=chunk_len,
+                                           batch_shards=batch_shards, vocab_major=vocab_major)
 
 
+@pytest.mark.parametrize('vocab_major', [False, True])
 @pytest.mark.parametrize('z_loss', [0.0, 1e-2])
-@pytest.mark.parametrize('chunk_len', [1, 4, 13, 32])  # 4 leaves a padded tail chunk
-def test_sums_and_gradients_equal_plain_path(z_loss, chunk_len):
+@pytest.mark.parametrize('chunk_len,batch_shards', [(1, 1), (4, 1), (13, 1), (32, 1), (4, 3)])
+def test_sums_and_gradients_equal_plain_path(z_loss, chunk_len, batch_shards, vocab_major):
+  """Both chunk layouts; chunk 4 leaves a padded tail chunk; 3 shards group each row alone."""
   h, head, targets, weights = _inputs()
   want = _plain(h, head, targets, weights, z_loss)
-  got = jax.jit(_fused, static_argnums=(4, 5))(h, head, targets, weights, z_loss, chunk_len)
+  fused = functools.partial(_fused, vocab_major=vocab_major, batch_shards=batch_shards)
+  got = jax.jit(fused, static_argnums=(4, 5))(h, head, targets, weights, z_loss, chunk_len)
   for name in loss_lib.LossSums._fields:
     np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-5,
                                err_msg=name)
@@ -53,23 +59,25 @@ def test_sums_and_gradients_equal_plain_path(z_loss, chunk_len):
   assert float(want.correct) == float(jnp.sum(weights * (argmax_BxL == targets)))  # no ties
 
   grad_plain = jax.grad(lambda *a: _plain(*a, z_loss).loss, (0, 1, 3))
-  grad_fused = jax.jit(jax.grad(lambda h, w, t, m: _fused(h, w, t, m, z_loss, chunk_len).loss,
+  grad_fused = jax.jit(jax.grad(lambda h, w, t, m: fused(h, w, t, m, z_loss, chunk_len).loss,
                                 (0, 1, 3)))
   for name, g, w in zip(('h', 'head', 'weights'), grad_fused(h, head, targets, weights),
                         grad_plain(h, head, targets, weights)):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6, err_msg=name)
 
 
-def test_zero_weight_gives_exactly_zero_gradient():
+@pytest.mark.parametrize('vocab_major', [False, True])
+def test_zero_weight_gives_exactly_zero_gradient(vocab_major):
   h, head, targets, weights = _inputs(1)
-  grad = jax.grad(lambda h, w: _fused(h, w, targets, weights, 1e-3, 4).loss, (0, 1))
+  grad = jax.grad(lambda h, w: _fused(h, w, targets, weights, 1e-3, 4, vocab_major).loss, (0, 1))
   dh_BxLxD, dhead_DxV = grad(h, head)
   assert np.all(np.asarray(dh_BxLxD)[np.asarray(weights) == 0] == 0)
   assert np.any(np.asarray(dh_BxLxD)[np.asarray(weights) == 1] != 0)
   assert np.all(np.asarray(dhead_DxV)[:, VOCAB:] == 0)  # padded columns
   # No weighted target at all: the gradient vanishes everywhere.
   dh_BxLxD, dhead_DxV = jax.grad(
-      lambda h, w: _fused(h, w, targets, jnp.zeros_like(weights), 0.0, 4).loss, (0, 1))(h, head)
+      lambda h, w: _fused(h, w, targets, jnp.zeros_like(weights), 0.0, 4, vocab_major).loss,
+      (0, 1))(h, head)
   assert not np.any(dh_BxLxD) and not np.any(dhead_DxV)
 
 

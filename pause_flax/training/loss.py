@@ -62,88 +62,110 @@ def mean_loss(sums: LossSums) -> jax.Array:
 # Fused output projection + cross-entropy.
 
 
-def _chunk_terms(h_BxCxD: jax.Array, head_DxV: jax.Array, targets_BxC: jax.Array,
-                 vocab_size: int) -> tuple[jax.Array, ...]:
-  """Logits of one chunk (padded columns at PAD_LOGIT), log Z, target logit, target is max."""
-  logits_BxCxV = jnp.einsum('BCD,DV->BCV', h_BxCxD, head_DxV,
-                            preferred_element_type=jnp.float32)
-  col_V = jax.lax.broadcasted_iota(jnp.int32, (logits_BxCxV.shape[-1],), 0)
-  if vocab_size < logits_BxCxV.shape[-1]:
-    logits_BxCxV = jnp.where(col_V < vocab_size, logits_BxCxV, PAD_LOGIT)
-  max_BxC = jnp.max(logits_BxCxV, axis=-1)
-  log_z_BxC = max_BxC + jnp.log(jnp.sum(jnp.exp(logits_BxCxV - max_BxC[..., None]), axis=-1))
-  target_logit_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
-  return logits_BxCxV, log_z_BxC, target_logit_BxC, target_logit_BxC >= max_BxC
+def _chunk_terms(logits: jax.Array, targets_GxT: jax.Array, vocab_size: int,
+                 v_axis: int) -> tuple[jax.Array, ...]:
+  """Padded columns set to PAD_LOGIT; log Z, target logit, target is max ([G, T] each).
+
+  `logits` is [G, T, V] (v_axis 2) or vocabulary-major [V, G, T] (v_axis 0).
+  """
+  col = jax.lax.broadcasted_iota(jnp.int32, logits.shape, v_axis)
+  if vocab_size < logits.shape[v_axis]:
+    logits = jnp.where(col < vocab_size, logits, PAD_LOGIT)
+  expand = lambda x: jnp.expand_dims(x, v_axis)
+  max_GxT = jnp.max(logits, axis=v_axis)
+  log_z_GxT = max_GxT + jnp.log(jnp.sum(jnp.exp(logits - expand(max_GxT)), axis=v_axis))
+  target_logit_GxT = jnp.take_along_axis(logits, expand(targets_GxT), axis=v_axis).squeeze(v_axis)
+  return logits, log_z_GxT, target_logit_GxT, target_logit_GxT >= max_GxT
 
 
 def _fused_scan(h_BxLxD: jax.Array, head_DxV: jax.Array, targets_BxL: jax.Array,
                 weights_BxL: jax.Array, z_loss: float, vocab_size: int, chunk_len: int,
-                batch_shards: int, with_grad: bool):
+                batch_shards: int, vocab_major: bool, with_grad: bool):
   """Per-position (ce, z, correct) and, `with_grad`, d loss / d (h, head, weights).
 
   Positions are split into chunks of `chunk_len` (the tail padded with weight
-  0); a scan computes each chunk's [B, chunk_len, V] logits, its terms and the
-  gradient of loss = sum(w * (CE + z_loss * log(Z)^2)) w.r.t. the chunk's
-  logits, and folds that into d h and d head at once. d head is accumulated
-  per group of B / `batch_shards` rows (G groups, sharded like the batch), so a
+  0); a scan computes each chunk's logits, its terms and the gradient of
+  loss = sum(w * (CE + z_loss * log(Z)^2)) w.r.t. the chunk's logits, and folds
+  that into d h and d head at once. A chunk's B x chunk_len rows are grouped
+  by batch shard ([G, T] with G = `batch_shards`, T = B / G * chunk_len, one
+  contraction axis in memory order), and d head is accumulated per group, so a
   batch-sharded step reduces it over devices once, not once per chunk.
+
+  `vocab_major` lays a chunk's logits out as [V, G, T] and accumulates d head
+  transposed, [G, V, D]: the three matmuls then take their large operand
+  (the output matrix or the logits) in the order XLA:CPU multiplies fastest
+  (alone, ~1.3x the row-major [G, T, V] layout's speed on one device).
   """
   b, l, d = h_BxLxD.shape
   g = batch_shards
   k = -(-l // chunk_len)
   pad = k * chunk_len - l
+  t = (b // g) * chunk_len
 
-  def chunks(x):  # [B, L, ...] -> [K, B, chunk_len, ...]
+  def chunks(x):  # [B, L, ...] -> [K, G, T, ...]: rows of a shard in (b, position) order
     x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    return jnp.swapaxes(x.reshape((b, k, chunk_len) + x.shape[2:]), 0, 1)
+    x = jnp.swapaxes(x.reshape((b, k, chunk_len) + x.shape[2:]), 0, 1)
+    return x.reshape((k, g, t) + x.shape[3:])
 
   w_BxL = weights_BxL.astype(jnp.float32)
   xs = (chunks(h_BxLxD), chunks(targets_BxL), chunks(w_BxL))
   head_dtype = head_DxV.dtype
   head_DxV = head_DxV.astype(h_BxLxD.dtype)
+  head_VxD = head_DxV.T if vocab_major else None
+  v_axis = 0 if vocab_major else 2
+  expand = lambda x: jnp.expand_dims(x, v_axis)
+  f32 = jnp.float32
 
-  def body(dhead_GxDxV, x):
-    h_BxCxD, targets_BxC, w_BxC = x
-    logits_BxCxV, log_z_BxC, target_logit_BxC, correct_BxC = _chunk_terms(
-        h_BxCxD, head_DxV, targets_BxC, vocab_size)
-    keep_BxC = w_BxC > 0
-    ce_BxC = jnp.where(keep_BxC, log_z_BxC - target_logit_BxC, 0.0)
-    z_BxC = jnp.where(keep_BxC, jnp.square(log_z_BxC), 0.0)
-    terms = (ce_BxC, z_BxC, correct_BxC.astype(jnp.float32))
+  def body(dhead, x):
+    h_GxTxD, targets_GxT, w_GxT = x
+    if vocab_major:
+      logits = jnp.einsum('VD,GTD->VGT', head_VxD, h_GxTxD, preferred_element_type=f32)
+    else:
+      logits = jnp.einsum('GTD,DV->GTV', h_GxTxD, head_DxV, preferred_element_type=f32)
+    logits, log_z_GxT, target_logit_GxT, correct_GxT = _chunk_terms(
+        logits, targets_GxT, vocab_size, v_axis)
+    keep_GxT = w_GxT > 0
+    ce_GxT = jnp.where(keep_GxT, log_z_GxT - target_logit_GxT, 0.0)
+    z_GxT = jnp.where(keep_GxT, jnp.square(log_z_GxT), 0.0)
+    terms = (ce_GxT, z_GxT, correct_GxT.astype(f32))
     if not with_grad:
-      return dhead_GxDxV, (terms, None)
+      return dhead, (terms, None)
     # d/d logits of w * (log Z - logit[t] + z_loss * log Z^2): a * softmax - w * onehot.
-    a_BxC = w_BxC * (1.0 + 2.0 * z_loss * log_z_BxC)
-    col_V = jax.lax.broadcasted_iota(jnp.int32, (logits_BxCxV.shape[-1],), 0)
-    dlogits_BxCxV = jnp.where(
-        keep_BxC[..., None],
-        a_BxC[..., None] * jnp.exp(logits_BxCxV - log_z_BxC[..., None])
-        - jnp.where(col_V == targets_BxC[..., None], w_BxC[..., None], 0.0),
-        0.0).astype(h_BxCxD.dtype)
-    dh_BxCxD = jnp.einsum('BCV,DV->BCD', dlogits_BxCxV, head_DxV,
-                          preferred_element_type=jnp.float32).astype(h_BxCxD.dtype)
-    # Rows grouped by batch shard, (b, C) merged into one contraction axis T in
-    # memory order: contracting (b, C) as two axes let XLA permute them to
-    # (C, b), a copy of the whole [B, C, V] chunk gradient.
-    grouped = lambda x: x.reshape((g, (b // g) * x.shape[1], x.shape[2]))
-    dhead_GxDxV = dhead_GxDxV + jnp.einsum('GTD,GTV->GDV', grouped(h_BxCxD),
-                                           grouped(dlogits_BxCxV),
-                                           preferred_element_type=jnp.float32)
-    return dhead_GxDxV, (terms, dh_BxCxD)
+    a_GxT = w_GxT * (1.0 + 2.0 * z_loss * log_z_GxT)
+    col = jax.lax.broadcasted_iota(jnp.int32, logits.shape, v_axis)
+    dlogits = jnp.where(
+        expand(keep_GxT),
+        expand(a_GxT) * jnp.exp(logits - expand(log_z_GxT))
+        - jnp.where(col == expand(targets_GxT), expand(w_GxT), 0.0),
+        0.0).astype(h_GxTxD.dtype)
+    if vocab_major:
+      dh = jnp.einsum('DV,VGT->DGT', head_DxV, dlogits, preferred_element_type=f32)
+      dhead = dhead + jnp.einsum('VGT,GTD->GVD', dlogits, h_GxTxD, preferred_element_type=f32)
+    else:
+      dh = jnp.einsum('GTV,DV->GTD', dlogits, head_DxV, preferred_element_type=f32)
+      dhead = dhead + jnp.einsum('GTD,GTV->GDV', h_GxTxD, dlogits, preferred_element_type=f32)
+    return dhead, (terms, dh.astype(h_GxTxD.dtype))
 
-  dhead0_GxDxV = (constrain(jnp.zeros((g,) + head_DxV.shape, jnp.float32),
-                            ('batch', 'embed', 'vocab')) if with_grad else None)
-  dhead_GxDxV, (terms, dh_KxBxCxD) = jax.lax.scan(body, dhead0_GxDxV, xs)
+  dhead0 = None
+  if with_grad:
+    shape, names = (((g, head_DxV.shape[1], d), ('batch', 'vocab', 'embed')) if vocab_major
+                    else ((g, d, head_DxV.shape[1]), ('batch', 'embed', 'vocab')))
+    dhead0 = constrain(jnp.zeros(shape, f32), names)
+  dhead, (terms, dh) = jax.lax.scan(body, dhead0, xs)
 
-  def unchunk(x):  # [K, B, chunk_len, ...] -> [B, L, ...]
-    x = jnp.swapaxes(x, 0, 1)
+  def unchunk(x):  # [K, G, T, ...] -> [B, L, ...]
+    x = jnp.swapaxes(x.reshape((k, b, chunk_len) + x.shape[3:]), 0, 1)
     return x.reshape((b, k * chunk_len) + x.shape[3:])[:, :l]
 
   ce_BxL, z_BxL, correct_BxL = map(unchunk, terms)
   if not with_grad:
     return (ce_BxL, z_BxL, correct_BxL), None
   dw_BxL = (ce_BxL + z_loss * z_BxL).astype(weights_BxL.dtype)
-  grads = (unchunk(dh_KxBxCxD), jnp.sum(dhead_GxDxV, axis=0).astype(head_dtype), dw_BxL)
+  dhead_DxV = jnp.sum(dhead, axis=0)
+  if vocab_major:
+    dh = jnp.transpose(dh, (0, 2, 3, 1))  # [K, D, G, T] -> [K, G, T, D]
+    dhead_DxV = dhead_DxV.T
+  grads = (unchunk(dh), dhead_DxV.astype(head_dtype), dw_BxL)
   return (ce_BxL, z_BxL, correct_BxL), grads
 
 
@@ -155,23 +177,23 @@ def _sums(terms, weights_BxL: jax.Array, z_loss: float) -> LossSums:
                   weight=jnp.sum(w))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
 def _fused(h_BxLxD, head_DxV, targets_BxL, weights_BxL, z_loss, vocab_size, chunk_len,
-           batch_shards):
+           batch_shards, vocab_major):
   terms, _ = _fused_scan(h_BxLxD, head_DxV, targets_BxL, weights_BxL, z_loss, vocab_size,
-                         chunk_len, batch_shards, with_grad=False)
+                         chunk_len, batch_shards, vocab_major, with_grad=False)
   return _sums(terms, weights_BxL, z_loss)
 
 
 def _fused_fwd(h_BxLxD, head_DxV, targets_BxL, weights_BxL, z_loss, vocab_size, chunk_len,
-               batch_shards):
+               batch_shards, vocab_major):
   terms, grads = _fused_scan(h_BxLxD, head_DxV, targets_BxL, weights_BxL, z_loss,
-                             vocab_size, chunk_len, batch_shards, with_grad=True)
+                             vocab_size, chunk_len, batch_shards, vocab_major, with_grad=True)
   return _sums(terms, weights_BxL, z_loss), grads
 
 
-def _fused_bwd(z_loss, vocab_size, chunk_len, batch_shards, grads, g: LossSums):
-  del z_loss, vocab_size, chunk_len, batch_shards
+def _fused_bwd(z_loss, vocab_size, chunk_len, batch_shards, vocab_major, grads, g: LossSums):
+  del z_loss, vocab_size, chunk_len, batch_shards, vocab_major
   g_loss = g.loss  # ce, z, correct and weight reach the caller without a gradient
   return tuple(None if x is None else g_loss.astype(x.dtype) * x
                for x in (grads[0], grads[1], None, grads[2]))
@@ -183,7 +205,8 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 def fused_cross_entropy_sums(h_BxLxD: jax.Array, head_DxV: jax.Array, targets_BxL: jax.Array,
                              weights_BxL: jax.Array, z_loss: float = 0.0, *,
                              vocab_size: int | None = None, chunk_len: int = 32,
-                             batch_shards: int = 1) -> LossSums:
+                             batch_shards: int = 1,
+                             vocab_major: bool | None = None) -> LossSums:
   """`cross_entropy_sums(h @ head, ...)` without materialising the [B, L, V] logits.
 
   Columns at or past `vocab_size` (default: all real) get PAD_LOGIT, as the
@@ -195,14 +218,21 @@ def fused_cross_entropy_sums(h_BxLxD: jax.Array, head_DxV: jax.Array, targets_Bx
   ce, z, correct and weight are statistics. `batch_shards` is how many ways the
   batch is sharded (a divisor of B); under `parallel.activation_sharding` the
   per-shard partial d head stays on its devices until one final reduction.
+  `vocab_major` lays each chunk's logits out vocabulary-first. The default
+  (None) takes it on the CPU backend with an unsharded batch, where it measured
+  ~4% faster per train step of `bench_4l`; with the batch split over
+  simulated CPU devices the row-major order measured ~5% faster. The sums and
+  gradients are the same either way.
   """
   if chunk_len < 1:
     raise ValueError(f'chunk_len={chunk_len} must be >= 1.')
   if batch_shards < 1 or h_BxLxD.shape[0] % batch_shards:
     raise ValueError(f'batch_shards={batch_shards} must divide the batch {h_BxLxD.shape[0]}.')
   vocab_size = head_DxV.shape[-1] if vocab_size is None else vocab_size
+  if vocab_major is None:
+    vocab_major = jax.default_backend() == 'cpu' and batch_shards == 1
   sums = _fused(h_BxLxD, head_DxV, targets_BxL, weights_BxL, float(z_loss), vocab_size,
-                chunk_len, batch_shards)
+                chunk_len, batch_shards, bool(vocab_major))
   return LossSums(loss=sums.loss, ce=jax.lax.stop_gradient(sums.ce),
                   z=jax.lax.stop_gradient(sums.z), correct=jax.lax.stop_gradient(sums.correct),
                   weight=jax.lax.stop_gradient(sums.weight))
