@@ -76,7 +76,8 @@ def test_causal_flag_equals_explicit_mask(model, forward):
 def test_attention_impl_resolution():
   bf16 = dataclasses.replace(TINY, dtype='bfloat16')
   assert bf16.resolved_attention_impl('gpu') == 'cudnn'
-  assert bf16.resolved_attention_impl('cpu') == 'xla'
+  assert bf16.resolved_attention_impl('cpu') == 'blocked'
+  assert TINY.resolved_attention_impl('cpu') == 'blocked'
   assert bf16.resolved_attention_impl('tpu') == 'xla'
   assert TINY.resolved_attention_impl('gpu') == 'xla'  # float32
   assert dataclasses.replace(bf16, head_dim=256).resolved_attention_impl('gpu') == 'xla'
@@ -85,6 +86,45 @@ def test_attention_impl_resolution():
   # cuDNN's training kernels take even lengths only.
   assert bf16.resolved_attention_impl('gpu', seq_len=37) == 'xla'
   assert bf16.resolved_attention_impl('gpu', seq_len=38) == 'cudnn'
+
+
+@pytest.mark.parametrize('length, block_len, kv_heads, packed', [
+    (37, 16, 2, False),   # odd length: a ragged last block; grouped-query heads
+    (37, 16, 4, True),    # packed segments narrow the causal mask
+    (64, None, 1, True),  # the default block (64) is the whole sequence; multi-query
+    (300, None, 4, False),  # default: 8 blocks of 38, the last ragged
+])
+def test_blocked_attention_equals_dot_product_attention(length, block_len, kv_heads, packed):
+  """Forward and gradients equal jax.nn.dot_product_attention's (XLA) to float32 rounding."""
+  keys = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(keys[0], (2, length, 4, 16))
+  k = jax.random.normal(keys[1], (2, length, kv_heads, 16))
+  v = jax.random.normal(keys[2], (2, length, kv_heads, 16))
+  mask = None
+  if packed:
+    segment_ids = jnp.array([[1] * 20 + [2] * (length - 20), [1] * (length - 5) + [0] * 5])
+    mask = tfm._attention_mask(jnp.arange(length), segment_ids, segment_ids)
+  probe = jax.random.normal(keys[3], q.shape)
+
+  def xla(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation='xla')
+
+  def blocked(q, k, v):
+    return tfm.blocked_causal_attention(q, k, v, mask, block_len=block_len)
+
+  np.testing.assert_allclose(blocked(q, k, v), xla(q, k, v), atol=2e-6, rtol=1e-5)
+  grads = [jax.grad(lambda *a: jnp.sum(f(*a) * probe), (0, 1, 2))(q, k, v)
+           for f in (blocked, xla)]
+  for name, got, want in zip('qkv', *grads):
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=name)
+
+
+def test_blocked_attention_is_the_cpu_default_and_equals_xla_in_the_model():
+  assert TINY.resolved_attention_impl('cpu') == 'blocked'
+  tokens = _tokens((2, 70))
+  blocked = tfm.Transformer(dataclasses.replace(TINY, attention_impl='blocked'), rngs=nnx.Rngs(0))
+  xla = tfm.Transformer(dataclasses.replace(TINY, attention_impl='xla'), rngs=nnx.Rngs(0))
+  np.testing.assert_allclose(blocked(tokens), xla(tokens), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN attention needs an NVIDIA GPU')
@@ -256,7 +296,7 @@ def test_bad_config_fails_clearly():
     dataclasses.replace(TINY, num_kv_heads=3)
   with pytest.raises(ValueError, match='remat_policy'):
     dataclasses.replace(TINY, remat_policy='some')
-  with pytest.raises(ValueError, match="attention_impl='flash'; choose 'auto'"):
+  with pytest.raises(ValueError, match="attention_impl='flash'; choose one of"):
     dataclasses.replace(TINY, attention_impl='flash')
   with pytest.raises(ValueError, match='Unknown model config'):
     tfm.model_config('paper_7b')

@@ -27,12 +27,14 @@ from collections.abc import Callable
 import gin
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from pause_flax.parallel import constrain
 
 # Logit of the padded vocabulary columns: finite, so 0 * log_softmax stays 0.
 PAD_LOGIT = -1e9
+ATTENTION_IMPLS = ('auto', 'xla', 'cudnn', 'blocked')
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     'gelu': jax.nn.gelu,
@@ -70,10 +72,11 @@ class TransformerConfig:
   # slicing them out of the stacked scan outputs; compile time grows with it.
   scan_unroll: int | bool = 1
   vocab_pad_multiple: int = 128
-  # jax.nn.dot_product_attention implementation of the full-sequence (no
-  # cache) forward: 'xla' anywhere, 'cudnn' (flash attention on NVIDIA GPUs,
-  # bf16/fp16, head_dim <= 128) or 'auto' (cudnn where it applies, else xla).
-  # Cached decoding always uses 'xla'.
+  # Attention of the full-sequence (no cache) forward: 'xla' or 'cudnn'
+  # (jax.nn.dot_product_attention's; cudnn is flash attention on NVIDIA GPUs,
+  # bf16/fp16, head_dim <= 128), 'blocked' (`blocked_causal_attention`: query
+  # blocks that skip the keys after them), or 'auto': cudnn where it applies,
+  # blocked on CPU, else xla. Cached decoding always uses 'xla'.
   attention_impl: str = 'auto'
 
   def __post_init__(self):
@@ -100,9 +103,9 @@ class TransformerConfig:
     if not isinstance(self.scan_unroll, bool) and (
         not isinstance(self.scan_unroll, int) or self.scan_unroll < 1):
       raise ValueError(f'scan_unroll={self.scan_unroll!r} must be True, False or an int >= 1.')
-    if self.attention_impl not in ('auto', 'xla', 'cudnn'):
+    if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(
-          f"attention_impl={self.attention_impl!r}; choose 'auto', 'xla' or 'cudnn'.")
+          f"attention_impl={self.attention_impl!r}; choose one of {ATTENTION_IMPLS}.")
     for name in ('dtype', 'param_dtype'):
       try:
         jnp.dtype(getattr(self, name))
@@ -118,10 +121,12 @@ class TransformerConfig:
     return self.num_kv_heads if self.num_kv_heads is not None else self.num_heads
 
   def resolved_attention_impl(self, backend: str | None = None, *, seq_len: int = 0) -> str:
-    """'xla' or 'cudnn' for a full-sequence forward of `seq_len` positions.
+    """'xla', 'cudnn' or 'blocked' for a full-sequence forward of `seq_len` positions.
 
     'auto' picks cudnn on a GPU for bf16/fp16, head_dim <= 128 (a multiple of
-    8) and an even length (cuDNN's training kernels refuse odd ones).
+    8) and an even length (cuDNN's training kernels refuse odd ones); blocked
+    on CPU (about half the time of xla's there for bench_4l's attention,
+    forward and backward); else xla.
     """
     if self.attention_impl != 'auto':
       return self.attention_impl
@@ -129,6 +134,8 @@ class TransformerConfig:
     fits = (jnp.dtype(self.dtype) in (jnp.bfloat16, jnp.float16)
             and self.resolved_head_dim <= 128 and self.resolved_head_dim % 8 == 0
             and seq_len % 2 == 0)
+    if backend == 'cpu':
+      return 'blocked'
     return 'cudnn' if backend == 'gpu' and fits else 'xla'
 
   @property
@@ -283,6 +290,41 @@ def apply_rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array, theta: float) -> 
   return out.astype(x_BxLxNxH.dtype)
 
 
+def blocked_causal_attention(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.Array,
+                             mask_Bx1xLxL: jax.Array | None = None, *,
+                             block_len: int | None = None) -> jax.Array:
+  """Causal attention computed one block of queries at a time.
+
+  Equals `jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)`
+  (scale 1/sqrt(H), logits and softmax in float32, grouped-query heads, masked
+  logits at the same large negative), but a block of queries multiplies only
+  the keys up to its own end: with 8 blocks about 44% of the score matrix,
+  its softmax and their gradients are never computed. `block_len` defaults to
+  max(64, ceil(L / 8)); one block is plain causal attention.
+  """
+  b, l, n, h = q_BxLxNxH.shape
+  kh = k_BxLxKxH.shape[2]
+  c = block_len or max(64, -(-l // 8))
+  dtype = q_BxLxNxH.dtype
+  q_BxLxKxGxH = q_BxLxNxH.reshape(b, l, kh, n // kh, h)
+  k_BxLxKxH, v_BxLxKxH = k_BxLxKxH.astype(dtype), v_BxLxKxH.astype(dtype)
+  # jax.nn's masked-logit value: finite, so a fully masked row averages its values.
+  large_negative = -0.7 * float(jnp.finfo(jnp.float32).max)
+  causal_LxL = np.tril(np.ones((l, l), bool))
+  outs = []
+  for start in range(0, l, c):
+    end = min(start + c, l)
+    logits_BxKxGxTxS = jnp.einsum('BTKGH,BSKH->BKGTS', q_BxLxKxGxH[:, start:end],
+                                  k_BxLxKxH[:, :end], preferred_element_type=jnp.float32)
+    allowed = causal_LxL[start:end, :end]
+    if mask_Bx1xLxL is not None:
+      allowed = allowed & mask_Bx1xLxL[:, :, None, start:end, :end]
+    logits_BxKxGxTxS = jnp.where(allowed, logits_BxKxGxTxS * (h ** -0.5), large_negative)
+    probs_BxKxGxTxS = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(dtype)
+    outs.append(jnp.einsum('BKGTS,BSKH->BTKGH', probs_BxKxGxTxS, v_BxLxKxH[:, :end]))
+  return jnp.concatenate(outs, axis=1).reshape(b, l, n, h)
+
+
 class Attention(nnx.Module):
   """Causal (grouped-query) self-attention via jax.nn.dot_product_attention."""
 
@@ -326,11 +368,13 @@ class Attention(nnx.Module):
       v_BxSxKxH = constrain(jax.lax.dynamic_update_slice(
           kv[1], v_BxLxKxH.astype(kv[1].dtype), start), names)
       kv = (k_BxSxKxH, v_BxSxKxH)
-    out_BxLxNxH = jax.nn.dot_product_attention(
-        q_BxLxNxH, k_BxSxKxH.astype(dtype), v_BxSxKxH.astype(dtype), mask=mask_Bx1xLxS,
-        is_causal=kv is None,
-        implementation=('xla' if kv is not None else
-                        c.resolved_attention_impl(seq_len=x_BxLxD.shape[1])))
+    impl = 'xla' if kv is not None else c.resolved_attention_impl(seq_len=x_BxLxD.shape[1])
+    if impl == 'blocked':
+      out_BxLxNxH = blocked_causal_attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xLxS)
+    else:
+      out_BxLxNxH = jax.nn.dot_product_attention(
+          q_BxLxNxH, k_BxSxKxH.astype(dtype), v_BxSxKxH.astype(dtype), mask=mask_Bx1xLxS,
+          is_causal=kv is None, implementation=impl)
     out_BxLxNxH = constrain(out_BxLxNxH, ('batch', 'length', 'heads', 'kv'))
     y_BxLxD = jnp.einsum('BLNH,NHD->BLD', out_BxLxNxH, self.o_NxHxD[...].astype(dtype))
     return y_BxLxD, kv
