@@ -248,7 +248,7 @@ def params_from_hf(weights: dict[str, np.ndarray], config: transformer_lib.Trans
       "final_norm": {"scale": np.asarray(get(f"{prefix}norm.weight"), dtype)},
   }
   if not c.tie_embeddings:
-    params["head_DxV"] = padded(get("lm_head.weight")).T.astype(dtype)
+    params["head_VxD"] = padded(get("lm_head.weight")).astype(dtype)
   return params
 
 
@@ -267,7 +267,7 @@ def hf_from_params(params: dict[str, Any], config: transformer_lib.TransformerCo
   out["model.embed_tokens.weight"] = np.asarray(params["embedding_VxD"])[:c.vocab_size]
   out["model.norm.weight"] = np.asarray(params["final_norm"]["scale"])
   if not c.tie_embeddings:
-    out["lm_head.weight"] = np.asarray(params["head_DxV"])[:, :c.vocab_size].T
+    out["lm_head.weight"] = np.asarray(params["head_VxD"])[:c.vocab_size]
   return {k: np.ascontiguousarray(v.astype(EXPORT_DTYPES[dtype])) for k, v in out.items()}
 
 

@@ -63,7 +63,7 @@ def test_pause_never_emitted_even_when_its_logit_is_largest():
   m.blocks.attn.o_NxHxD[...] = jnp.zeros_like(m.blocks.attn.o_NxHxD[...])
   m.blocks.mlp.wo_FxD[...] = jnp.zeros_like(m.blocks.mlp.wo_FxD[...])
   m.embedding_VxD[...] = m.embedding_VxD[...].at[:, 0].set(1.0)
-  m.head_DxV[...] = m.head_DxV[...].at[0, PAUSE].set(100.0)
+  m.head_VxD[...] = m.head_VxD[...].at[PAUSE, 0].set(100.0)
   tokens, _ = decoding.pad_prompts([[5, 6, PAUSE], [7, PAUSE, PAUSE]])
   out, step_logits = decoding.generate(m, tokens, max_new_tokens=T, return_logits=True,
                                        banned_ids=(PAUSE,))

@@ -203,7 +203,7 @@ def test_padded_vocab_never_wins(tie):
   if tie:
     m.embedding_VxD[...] = m.embedding_VxD[...].at[cfg.vocab_size:].set(100.0)
   else:
-    m.head_DxV[...] = m.head_DxV[...].at[:, cfg.vocab_size:].set(100.0)
+    m.head_VxD[...] = m.head_VxD[...].at[cfg.vocab_size:].set(100.0)
   logits = m(_tokens((2, 5)))
   assert (jnp.argmax(logits, -1) < cfg.vocab_size).all()
   assert (logits[..., cfg.vocab_size:] == tfm.PAD_LOGIT).all()

@@ -473,8 +473,11 @@ class Transformer(nnx.Module):
 
     self.blocks = make_blocks(rngs)
     self.final_norm = RMSNorm(c)
-    self.head_DxV = (None if c.tie_embeddings
-                     else _param(rngs, 0.02, (d, vp), ('embed', 'vocab'), c.param_dtype))
+    # Stored [V, D] like the embedding: the fused loss on CPU multiplies and
+    # accumulates the output projection vocabulary-major, so its gradient then
+    # arrives in the parameter's own layout (no transposed read in AdamW).
+    self.head_VxD = (None if c.tie_embeddings
+                     else _param(rngs, 0.02, (vp, d), ('vocab', 'embed'), c.param_dtype))
 
   def hidden(self, tokens_BxL: jax.Array, *, positions_BxL: jax.Array | None = None,
              segment_ids_BxL: jax.Array | None = None, cache: KVCache | None = None,
@@ -528,21 +531,18 @@ class Transformer(nnx.Module):
                             segment_ids_BxS=k_segment_ids_BxS, index=index + l)
 
   def output_matrix(self) -> jax.Array:
-    """The [D, padded V] output projection: the untied head or the embedding transposed."""
+    """The [D, padded V] output projection: the untied head or the embedding, transposed."""
     if self.config.tie_embeddings:
       return self.embedding_VxD[...].T
-    return self.head_DxV[...]
+    return self.head_VxD[...].T
 
   def logits(self, h_BxLxD: jax.Array) -> jax.Array:
     """Float32 logits over the padded vocabulary; padded columns get PAD_LOGIT."""
     c = self.config
     dtype = h_BxLxD.dtype
-    if c.tie_embeddings:
-      logits_BxLxV = jnp.einsum('BLD,VD->BLV', h_BxLxD, self.embedding_VxD[...].astype(dtype),
-                                preferred_element_type=jnp.float32)
-    else:
-      logits_BxLxV = jnp.einsum('BLD,DV->BLV', h_BxLxD, self.head_DxV[...].astype(dtype),
-                                preferred_element_type=jnp.float32)
+    matrix_VxD = self.embedding_VxD if c.tie_embeddings else self.head_VxD
+    logits_BxLxV = jnp.einsum('BLD,VD->BLV', h_BxLxD, matrix_VxD[...].astype(dtype),
+                              preferred_element_type=jnp.float32)
     if c.padded_vocab_size > c.vocab_size:
       real_V = jnp.arange(c.padded_vocab_size) < c.vocab_size
       logits_BxLxV = jnp.where(real_V, logits_BxLxV, PAD_LOGIT)
