@@ -20,24 +20,24 @@ B, L, D, V, VOCAB = 3, 13, 16, 128, 120  # V padded past the real VOCAB
 def _inputs(seed: int = 0):
   k = jax.random.split(jax.random.PRNGKey(seed), 4)
   h_BxLxD = jax.random.normal(k[0], (B, L, D))
-  head_DxV = 0.5 * jax.random.normal(k[1], (D, V))
+  head_VxD = 0.5 * jax.random.normal(k[1], (V, D))
   targets_BxL = jax.random.randint(k[2], (B, L), 0, VOCAB)
   # Every other target is the argmax, so the accuracy count is exercised.
-  argmax_BxL = jnp.argmax(jnp.einsum('BLD,DV->BLV', h_BxLxD, head_DxV)[..., :VOCAB], axis=-1)
+  argmax_BxL = jnp.argmax(jnp.einsum('BLD,VD->BLV', h_BxLxD, head_VxD)[..., :VOCAB], axis=-1)
   targets_BxL = jnp.where(jnp.arange(L) % 2 == 0, argmax_BxL, targets_BxL)
   weights_BxL = (jax.random.uniform(k[3], (B, L)) > 0.3).astype(jnp.float32)
-  return h_BxLxD, head_DxV, targets_BxL, weights_BxL
+  return h_BxLxD, head_VxD, targets_BxL, weights_BxL
 
 
-def _plain(h_BxLxD, head_DxV, targets_BxL, weights_BxL, z_loss):
-  logits_BxLxV = jnp.einsum('BLD,DV->BLV', h_BxLxD, head_DxV)
+def _plain(h_BxLxD, head_VxD, targets_BxL, weights_BxL, z_loss):
+  logits_BxLxV = jnp.einsum('BLD,VD->BLV', h_BxLxD, head_VxD)
   logits_BxLxV = jnp.where(jnp.arange(V) < VOCAB, logits_BxLxV, PAD_LOGIT)
   return loss_lib.cross_entropy_sums(logits_BxLxV, targets_BxL, weights_BxL, z_loss)
 
 
-def _fused(h_BxLxD, head_DxV, targets_BxL, weights_BxL, z_loss, chunk_len, vocab_major=None,
+def _fused(h_BxLxD, head_VxD, targets_BxL, weights_BxL, z_loss, chunk_len, vocab_major=None,
            batch_shards=1):
-  return loss_lib.fused_cross_entropy_sums(h_BxLxD, head_DxV, targets_BxL, weights_BxL, z_loss,
+  return loss_lib.fused_cross_entropy_sums(h_BxLxD, head_VxD, targets_BxL, weights_BxL, z_loss,
                                            vocab_size=VOCAB, chunk_len=chunk_len,
                                            batch_shards=batch_shards, vocab_major=vocab_major)
 
@@ -55,7 +55,7 @@ def test_sums_and_gradients_equal_plain_path(z_loss, chunk_len, batch_shards, vo
     np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-5,
                                err_msg=name)
   assert 0 < float(want.correct) < float(want.weight)  # the argmax count is exercised
-  argmax_BxL = jnp.argmax(jnp.einsum('BLD,DV->BLV', h, head)[..., :VOCAB], axis=-1)
+  argmax_BxL = jnp.argmax(jnp.einsum('BLD,VD->BLV', h, head)[..., :VOCAB], axis=-1)
   assert float(want.correct) == float(jnp.sum(weights * (argmax_BxL == targets)))  # no ties
 
   grad_plain = jax.grad(lambda *a: _plain(*a, z_loss).loss, (0, 1, 3))
@@ -70,22 +70,23 @@ def test_sums_and_gradients_equal_plain_path(z_loss, chunk_len, batch_shards, vo
 def test_zero_weight_gives_exactly_zero_gradient(vocab_major):
   h, head, targets, weights = _inputs(1)
   grad = jax.grad(lambda h, w: _fused(h, w, targets, weights, 1e-3, 4, vocab_major).loss, (0, 1))
-  dh_BxLxD, dhead_DxV = grad(h, head)
+  dh_BxLxD, dhead_VxD = grad(h, head)
   assert np.all(np.asarray(dh_BxLxD)[np.asarray(weights) == 0] == 0)
   assert np.any(np.asarray(dh_BxLxD)[np.asarray(weights) == 1] != 0)
-  assert np.all(np.asarray(dhead_DxV)[:, VOCAB:] == 0)  # padded columns
+  assert np.all(np.asarray(dhead_VxD)[VOCAB:] == 0)  # padded vocabulary rows
   # No weighted target at all: the gradient vanishes everywhere.
-  dh_BxLxD, dhead_DxV = jax.grad(
+  dh_BxLxD, dhead_VxD = jax.grad(
       lambda h, w: _fused(h, w, targets, jnp.zeros_like(weights), 0.0, 4, vocab_major).loss,
       (0, 1))(h, head)
-  assert not np.any(dh_BxLxD) and not np.any(dhead_DxV)
+  assert not np.any(dh_BxLxD) and not np.any(dhead_VxD)
 
 
-def test_tied_gradient_flows_through_the_transpose():
+@pytest.mark.parametrize('vocab_major', [False, True])
+def test_gradient_flows_through_a_transposed_head(vocab_major):
   h, head, targets, weights = _inputs(2)
-  embedding_VxD = head.T
-  want = jax.grad(lambda e: _plain(h, e.T, targets, weights, 0.0).loss)(embedding_VxD)
-  got = jax.grad(lambda e: _fused(h, e.T, targets, weights, 0.0, 5).loss)(embedding_VxD)
+  matrix_DxV = head.T  # a head held transposed gets its gradient transposed back
+  want = jax.grad(lambda m: _plain(h, m.T, targets, weights, 0.0).loss)(matrix_DxV)
+  got = jax.grad(lambda m: _fused(h, m.T, targets, weights, 0.0, 5, vocab_major).loss)(matrix_DxV)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 

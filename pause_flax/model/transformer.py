@@ -27,7 +27,6 @@ from collections.abc import Callable
 import gin
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from pause_flax.parallel import constrain
@@ -131,11 +130,11 @@ class TransformerConfig:
     if self.attention_impl != 'auto':
       return self.attention_impl
     backend = backend or jax.default_backend()
+    if backend == 'cpu':
+      return 'blocked'
     fits = (jnp.dtype(self.dtype) in (jnp.bfloat16, jnp.float16)
             and self.resolved_head_dim <= 128 and self.resolved_head_dim % 8 == 0
             and seq_len % 2 == 0)
-    if backend == 'cpu':
-      return 'blocked'
     return 'cudnn' if backend == 'gpu' and fits else 'xla'
 
   @property
@@ -310,13 +309,12 @@ def blocked_causal_attention(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxK
   k_BxLxKxH, v_BxLxKxH = k_BxLxKxH.astype(dtype), v_BxLxKxH.astype(dtype)
   # jax.nn's masked-logit value: finite, so a fully masked row averages its values.
   large_negative = -0.7 * float(jnp.finfo(jnp.float32).max)
-  causal_LxL = np.tril(np.ones((l, l), bool))
   outs = []
   for start in range(0, l, c):
     end = min(start + c, l)
     logits_BxKxGxTxS = jnp.einsum('BTKGH,BSKH->BKGTS', q_BxLxKxGxH[:, start:end],
                                   k_BxLxKxH[:, :end], preferred_element_type=jnp.float32)
-    allowed = causal_LxL[start:end, :end]
+    allowed = (jnp.arange(start, end)[:, None] >= jnp.arange(end)[None, :])  # causal [T, S]
     if mask_Bx1xLxL is not None:
       allowed = allowed & mask_Bx1xLxL[:, :, None, start:end, :end]
     logits_BxKxGxTxS = jnp.where(allowed, logits_BxKxGxTxS * (h ** -0.5), large_negative)
@@ -326,7 +324,7 @@ def blocked_causal_attention(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxK
 
 
 class Attention(nnx.Module):
-  """Causal (grouped-query) self-attention via jax.nn.dot_product_attention."""
+  """Causal (grouped-query) self-attention: jax.nn.dot_product_attention or, on CPU, blocked."""
 
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
     c = config
@@ -530,18 +528,15 @@ class Transformer(nnx.Module):
     return h_BxLxD, KVCache(k_YxBxSxKxH=kv[0], v_YxBxSxKxH=kv[1],
                             segment_ids_BxS=k_segment_ids_BxS, index=index + l)
 
-  def output_matrix(self) -> jax.Array:
-    """The [D, padded V] output projection: the untied head or the embedding, transposed."""
-    if self.config.tie_embeddings:
-      return self.embedding_VxD[...].T
-    return self.head_VxD[...].T
+  def output_matrix_VxD(self) -> jax.Array:
+    """The [padded V, D] output projection: the untied head or the embedding."""
+    return (self.embedding_VxD if self.config.tie_embeddings else self.head_VxD)[...]
 
   def logits(self, h_BxLxD: jax.Array) -> jax.Array:
     """Float32 logits over the padded vocabulary; padded columns get PAD_LOGIT."""
     c = self.config
     dtype = h_BxLxD.dtype
-    matrix_VxD = self.embedding_VxD if c.tie_embeddings else self.head_VxD
-    logits_BxLxV = jnp.einsum('BLD,VD->BLV', h_BxLxD, matrix_VxD[...].astype(dtype),
+    logits_BxLxV = jnp.einsum('BLD,VD->BLV', h_BxLxD, self.output_matrix_VxD().astype(dtype),
                               preferred_element_type=jnp.float32)
     if c.padded_vocab_size > c.vocab_size:
       real_V = jnp.arange(c.padded_vocab_size) < c.vocab_size

@@ -78,7 +78,7 @@ def _chunk_terms(logits: jax.Array, targets_GxT: jax.Array, vocab_size: int,
   return logits, log_z_GxT, target_logit_GxT, target_logit_GxT >= max_GxT
 
 
-def _fused_scan(h_BxLxD: jax.Array, head_DxV: jax.Array, targets_BxL: jax.Array,
+def _fused_scan(h_BxLxD: jax.Array, head_VxD: jax.Array, targets_BxL: jax.Array,
                 weights_BxL: jax.Array, z_loss: float, vocab_size: int, chunk_len: int,
                 batch_shards: int, vocab_major: bool, with_grad: bool):
   """Per-position (ce, z, correct) and, `with_grad`, d loss / d (h, head, weights).
@@ -109,9 +109,9 @@ def _fused_scan(h_BxLxD: jax.Array, head_DxV: jax.Array, targets_BxL: jax.Array,
 
   w_BxL = weights_BxL.astype(jnp.float32)
   xs = (chunks(h_BxLxD), chunks(targets_BxL), chunks(w_BxL))
-  head_dtype = head_DxV.dtype
-  head_DxV = head_DxV.astype(h_BxLxD.dtype)
-  head_VxD = head_DxV.T if vocab_major else None
+  head_dtype = head_VxD.dtype
+  head_VxD = head_VxD.astype(h_BxLxD.dtype)
+  head_DxV = head_VxD.T
   v_axis = 0 if vocab_major else 2
   expand = lambda x: jnp.expand_dims(x, v_axis)
   f32 = jnp.float32
@@ -148,8 +148,8 @@ def _fused_scan(h_BxLxD: jax.Array, head_DxV: jax.Array, targets_BxL: jax.Array,
 
   dhead0 = None
   if with_grad:
-    shape, names = (((g, head_DxV.shape[1], d), ('batch', 'vocab', 'embed')) if vocab_major
-                    else ((g, d, head_DxV.shape[1]), ('batch', 'embed', 'vocab')))
+    shape, names = (((g, head_VxD.shape[0], d), ('batch', 'vocab', 'embed')) if vocab_major
+                    else ((g, d, head_VxD.shape[0]), ('batch', 'embed', 'vocab')))
     dhead0 = constrain(jnp.zeros(shape, f32), names)
   dhead, (terms, dh) = jax.lax.scan(body, dhead0, xs)
 
@@ -161,11 +161,12 @@ def _fused_scan(h_BxLxD: jax.Array, head_DxV: jax.Array, targets_BxL: jax.Array,
   if not with_grad:
     return (ce_BxL, z_BxL, correct_BxL), None
   dw_BxL = (ce_BxL + z_loss * z_BxL).astype(weights_BxL.dtype)
-  dhead_DxV = jnp.sum(dhead, axis=0)
+  dhead_VxD = jnp.sum(dhead, axis=0)
   if vocab_major:
     dh = jnp.transpose(dh, (0, 2, 3, 1))  # [K, D, G, T] -> [K, G, T, D]
-    dhead_DxV = dhead_DxV.T
-  grads = (unchunk(dh), dhead_DxV.astype(head_dtype), dw_BxL)
+  else:
+    dhead_VxD = dhead_VxD.T
+  grads = (unchunk(dh), dhead_VxD.astype(head_dtype), dw_BxL)
   return (ce_BxL, z_BxL, correct_BxL), grads
 
 
@@ -178,16 +179,16 @@ def _sums(terms, weights_BxL: jax.Array, z_loss: float) -> LossSums:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _fused(h_BxLxD, head_DxV, targets_BxL, weights_BxL, z_loss, vocab_size, chunk_len,
+def _fused(h_BxLxD, head_VxD, targets_BxL, weights_BxL, z_loss, vocab_size, chunk_len,
            batch_shards, vocab_major):
-  terms, _ = _fused_scan(h_BxLxD, head_DxV, targets_BxL, weights_BxL, z_loss, vocab_size,
+  terms, _ = _fused_scan(h_BxLxD, head_VxD, targets_BxL, weights_BxL, z_loss, vocab_size,
                          chunk_len, batch_shards, vocab_major, with_grad=False)
   return _sums(terms, weights_BxL, z_loss)
 
 
-def _fused_fwd(h_BxLxD, head_DxV, targets_BxL, weights_BxL, z_loss, vocab_size, chunk_len,
+def _fused_fwd(h_BxLxD, head_VxD, targets_BxL, weights_BxL, z_loss, vocab_size, chunk_len,
                batch_shards, vocab_major):
-  terms, grads = _fused_scan(h_BxLxD, head_DxV, targets_BxL, weights_BxL, z_loss,
+  terms, grads = _fused_scan(h_BxLxD, head_VxD, targets_BxL, weights_BxL, z_loss,
                              vocab_size, chunk_len, batch_shards, vocab_major, with_grad=True)
   return _sums(terms, weights_BxL, z_loss), grads
 
@@ -202,12 +203,14 @@ def _fused_bwd(z_loss, vocab_size, chunk_len, batch_shards, vocab_major, grads, 
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def fused_cross_entropy_sums(h_BxLxD: jax.Array, head_DxV: jax.Array, targets_BxL: jax.Array,
+def fused_cross_entropy_sums(h_BxLxD: jax.Array, head_VxD: jax.Array, targets_BxL: jax.Array,
                              weights_BxL: jax.Array, z_loss: float = 0.0, *,
                              vocab_size: int | None = None, chunk_len: int = 32,
                              batch_shards: int = 1,
                              vocab_major: bool | None = None) -> LossSums:
-  """`cross_entropy_sums(h @ head, ...)` without materialising the [B, L, V] logits.
+  """`cross_entropy_sums(h @ head.T, ...)` without materialising the [B, L, V] logits.
+
+  `head_VxD` is the output projection stored like an embedding, [padded V, D].
 
   Columns at or past `vocab_size` (default: all real) get PAD_LOGIT, as the
   model's padded vocabulary does. Under differentiation the gradient is
@@ -228,10 +231,10 @@ def fused_cross_entropy_sums(h_BxLxD: jax.Array, head_DxV: jax.Array, targets_Bx
     raise ValueError(f'chunk_len={chunk_len} must be >= 1.')
   if batch_shards < 1 or h_BxLxD.shape[0] % batch_shards:
     raise ValueError(f'batch_shards={batch_shards} must divide the batch {h_BxLxD.shape[0]}.')
-  vocab_size = head_DxV.shape[-1] if vocab_size is None else vocab_size
+  vocab_size = head_VxD.shape[0] if vocab_size is None else vocab_size
   if vocab_major is None:
     vocab_major = jax.default_backend() == 'cpu' and batch_shards == 1
-  sums = _fused(h_BxLxD, head_DxV, targets_BxL, weights_BxL, float(z_loss), vocab_size,
+  sums = _fused(h_BxLxD, head_VxD, targets_BxL, weights_BxL, float(z_loss), vocab_size,
                 chunk_len, batch_shards, bool(vocab_major))
   return LossSums(loss=sums.loss, ce=jax.lax.stop_gradient(sums.ce),
                   z=jax.lax.stop_gradient(sums.z), correct=jax.lax.stop_gradient(sums.correct),

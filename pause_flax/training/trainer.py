@@ -125,7 +125,7 @@ class Trainer:
         return loss_lib.cross_entropy_sums(model.logits(h_BxLxD), targets, weights,
                                            self.options.z_loss)
       return loss_lib.fused_cross_entropy_sums(
-          h_BxLxD, model.output_matrix(), targets, weights, self.options.z_loss,
+          h_BxLxD, model.output_matrix_VxD(), targets, weights, self.options.z_loss,
           vocab_size=self.model_config.vocab_size, chunk_len=self.options.loss_chunk_len,
           batch_shards=parallel.data_parallel_size(self.mesh, self.rules))
 
