@@ -1,6 +1,7 @@
 """Tests for pause_flax.model.transformer."""
 
 import dataclasses
+import functools
 import pathlib
 
 import gin
@@ -163,20 +164,85 @@ def test_cudnn_attention_matches_xla(length, packed):
     assert float(jnp.linalg.norm(ga - gb)) <= 2e-2 * float(jnp.linalg.norm(ga)) + 1e-6
 
 
+def _plain_mlp(activation, x, wi, wg, wo):
+  return tfm._mlp_hidden(activation, x @ wi, None if wg is None else x @ wg) @ wo
+
+
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
-def test_up_projection_gradient_equals_plain_matmul(dtype):
-  kx, kw, kd = jax.random.split(jax.random.key(3), 3)
+@pytest.mark.parametrize('activation,gated', [('silu', True), ('gelu', False)])
+def test_mlp_recomputing_hidden_equals_autodiff(dtype, activation, gated):
+  """The CPU MLP (hidden layer recomputed in the backward) = the plain one."""
+  act = tfm._ACTIVATIONS[activation]
+  kx, ki, kg, ko, kd = jax.random.split(jax.random.key(3), 5)
   x = jax.random.normal(kx, (2, 5, 16), dtype)
-  w = jax.random.normal(kw, (16, 48), dtype)
-  dy = jax.random.normal(kd, (2, 5, 48), dtype)
-  np.testing.assert_array_equal(tfm._up_projection(x, w), x @ w)
-  got = jax.vjp(tfm._up_projection, x, w)[1](dy)
-  want = jax.vjp(jnp.matmul, x, w)[1](dy)
+  wi = jax.random.normal(ki, (16, 48), dtype) / 4
+  wg = jax.random.normal(kg, (16, 48), dtype) / 4 if gated else None
+  wo = jax.random.normal(ko, (48, 16), dtype) / 7
+  dy = jax.random.normal(kd, (2, 5, 16), dtype)
+  mlp = functools.partial(tfm._mlp_recomputing_hidden, act)
+  np.testing.assert_array_equal(mlp(x, wi, wg, wo), _plain_mlp(act, x, wi, wg, wo))
+  got = jax.jit(lambda *a: jax.vjp(mlp, *a)[1](dy))(x, wi, wg, wo)
+  want = jax.vjp(functools.partial(_plain_mlp, act), x, wi, wg, wo)[1](dy)
+  assert (got[2] is None) == (want[2] is None) == (not gated)
   tol = 1e-5 if dtype == 'float32' else 2e-2
-  for g, r in zip(got, want):
+  for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     assert g.dtype == r.dtype and g.shape == r.shape
     np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32),
                                rtol=tol, atol=tol)
+
+
+def _grad_temp_bytes(f, *args) -> int:
+  argnums = tuple(range(len(args) - 1))  # the last argument is not differentiated
+  return jax.jit(jax.grad(f, argnums)).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='an XLA:CPU scheduling property')
+def test_mlp_recomputing_hidden_keeps_fewer_buffers_for_the_backward():
+  """Two stacked MLPs: the first one's saved hidden layers live through the
+  second's forward and backward; recomputing keeps >= 3 fewer [B*L, F] there."""
+  x = jnp.ones((4, 128, 64))
+  p = (jnp.ones((64, 256)), jnp.ones((64, 256)), jnp.ones((256, 64)))
+
+  def temp(mlp):
+    return _grad_temp_bytes(lambda x, p1, p2, _: jnp.sum(mlp(mlp(x, *p1), *p2) ** 2),
+                            x, p, p, 0)
+
+  plain = temp(functools.partial(_plain_mlp, jax.nn.silu))
+  recomputing = temp(functools.partial(tfm._mlp_recomputing_hidden, jax.nn.silu))
+  hidden_bytes = 4 * 128 * 256 * 4
+  assert recomputing <= plain - 3 * hidden_bytes, (plain, recomputing)
+
+
+def test_embed_lookup_gradient_equals_take():
+  table = jax.random.normal(jax.random.key(0), (50, 8))
+  tokens = jnp.array([[3, 7, 3, 49], [0, 7, 7, 12]])
+  dx = jax.random.normal(jax.random.key(1), (2, 4, 8))
+  np.testing.assert_array_equal(tfm._embed_lookup(50, table, tokens),
+                                jnp.take(table, tokens, axis=0))
+  got = jax.vjp(lambda t: tfm._embed_lookup(50, t, tokens), table)[1](dx)[0]
+  want = jax.vjp(lambda t: jnp.take(t, tokens, axis=0), table)[1](dx)[0]
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  assert float(jnp.abs(got[jnp.array([1, 2, 4])]).max()) == 0.0  # rows no token reads
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='an XLA:CPU scheduling property')
+def test_embed_lookup_gradient_fill_is_not_live_through_the_forward():
+  """The [V, D] gradient's zero fill waits for d x, so its memory reuses the
+  layers' freed buffers instead of adding to the peak."""
+  table, w = jnp.ones((4096, 64)), jnp.ones((64, 512))
+  tokens = jnp.zeros((4, 128), jnp.int32)
+
+  def temp(lookup):
+    def f(table, w, tokens):
+      x = lookup(table, tokens)
+      for _ in range(3):
+        x = jnp.tanh(x @ w) @ w.T
+      return jnp.sum(x ** 2)
+    return _grad_temp_bytes(f, table, w, tokens)
+
+  plain = temp(lambda t, i: jnp.take(t, i, axis=0))
+  delayed = temp(lambda t, i: tfm._embed_lookup(t.shape[0], t, i))
+  assert delayed <= plain - 0.9 * table.nbytes, (plain, delayed)
 
 
 def test_grouped_query_attention_equals_repeated_kv_heads():

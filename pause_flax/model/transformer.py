@@ -21,6 +21,7 @@ dim, F MLP dim, V padded vocabulary, Y layers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -378,31 +379,97 @@ class Attention(nnx.Module):
     return y_BxLxD, kv
 
 
-@jax.custom_vjp
-def _up_projection(x_BxLxD: jax.Array, w_DxF: jax.Array) -> jax.Array:
-  """x @ w, whose weight gradient reads a transposed copy of the small x.
+def _after(x: jax.Array, dep: jax.Array) -> jax.Array:
+  """x, made to depend on `dep` (x + 0 * dep, `dep` broadcast against x).
 
-  XLA:CPU computes the plain weight gradient x^T dy (contracting B*L) by
-  writing the large [B*L, F] dy transposed, inside the activation-gradient
-  loop; here x^T ([D, B*L], 4x smaller for F = 4D) is made once behind an
-  optimization barrier, so the product needs no transposed operand. Same
-  values as the plain path; used on CPU only.
+  XLA:CPU drops optimization barriers before it merges common subexpressions
+  and schedules, so a backward-pass recomputation from forward values is
+  merged with the forward's own (whose buffers then stay live, which is what
+  recomputing avoids), and a large buffer's fill or transpose that needs no
+  gradient is hoisted to the start of the step. A data dependence on the
+  incoming gradient is what keeps such work in the backward pass.
   """
-  return x_BxLxD @ w_DxF
+  return x + (0 * dep).astype(x.dtype)
 
 
-def _up_projection_fwd(x_BxLxD, w_DxF):
-  return x_BxLxD @ w_DxF, (x_BxLxD, w_DxF)
+def _mlp_hidden(activation: Callable[[jax.Array], jax.Array], a_BxLxF: jax.Array,
+                g_BxLxF: jax.Array | None) -> jax.Array:
+  h_BxLxF = activation(a_BxLxF)
+  return h_BxLxF if g_BxLxF is None else h_BxLxF * g_BxLxF
 
 
-def _up_projection_bwd(residuals, dy_BxLxF):
-  x_BxLxD, w_DxF = residuals
-  xt_DxT = jax.lax.optimization_barrier(x_BxLxD.reshape(-1, x_BxLxD.shape[-1]).T)
-  dw_DxF = xt_DxT @ dy_BxLxF.reshape(-1, dy_BxLxF.shape[-1])
-  return dy_BxLxF @ w_DxF.T, dw_DxF.astype(w_DxF.dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _mlp_recomputing_hidden(activation, x_BxLxD, wi_DxF, wg_DxF, wo_FxD):
+  """act(x W_i) [* x W_gate] W_o; the backward recomputes the hidden layer.
+
+  Autodiff keeps act(x W_i), its intermediates and the gated product alive
+  from the forward to the backward pass (five [B, L, F] buffers per layer
+  with x W_i and x W_gate); this keeps only the two up-projections and
+  recomputes the rest from them (elementwise) in the backward pass: on
+  bench_4l ~96 MB less temporary memory, which XLA:CPU maps afresh, page by
+  page, every step. Its weight gradients read a transposed copy of the small
+  x ([D, B*L], made once behind an optimization barrier), so XLA:CPU need not
+  write the large [B*L, F] gradients transposed. Same values as the plain
+  path; used on CPU only.
+  """
+  return _mlp_recomputing_fwd(activation, x_BxLxD, wi_DxF, wg_DxF, wo_FxD)[0]
 
 
-_up_projection.defvjp(_up_projection_fwd, _up_projection_bwd)
+def _mlp_recomputing_fwd(activation, x_BxLxD, wi_DxF, wg_DxF, wo_FxD):
+  a_BxLxF = x_BxLxD @ wi_DxF
+  g_BxLxF = None if wg_DxF is None else x_BxLxD @ wg_DxF
+  h_BxLxF = constrain(_mlp_hidden(activation, a_BxLxF, g_BxLxF), ('batch', 'length', 'mlp'))
+  return h_BxLxF @ wo_FxD, (x_BxLxD, wi_DxF, wg_DxF, wo_FxD, a_BxLxF, g_BxLxF)
+
+
+def _mlp_recomputing_bwd(activation, residuals, dy_BxLxD):
+  x_BxLxD, wi_DxF, wg_DxF, wo_FxD, a_BxLxF, g_BxLxF = residuals
+  d, f = wi_DxF.shape
+  dep_BxLx1 = dy_BxLxD[..., :1]  # local to each batch shard: no communication
+  a_BxLxF = _after(a_BxLxF, dep_BxLx1)
+  if g_BxLxF is not None:
+    g_BxLxF = _after(g_BxLxF, dep_BxLx1)
+  h_BxLxF, hidden_vjp = jax.vjp(functools.partial(_mlp_hidden, activation), a_BxLxF, g_BxLxF)
+  dwo_FxD = h_BxLxF.reshape(-1, f).T @ dy_BxLxD.reshape(-1, d)
+  da_BxLxF, dg_BxLxF = hidden_vjp(dy_BxLxD @ wo_FxD.T)
+  xt_DxT = jax.lax.optimization_barrier(_after(x_BxLxD, dep_BxLx1).reshape(-1, d).T)
+  dwi_DxF = xt_DxT @ da_BxLxF.reshape(-1, f)
+  dx_BxLxD = da_BxLxF @ wi_DxF.T
+  dwg_DxF = None
+  if wg_DxF is not None:
+    dwg_DxF = (xt_DxT @ dg_BxLxF.reshape(-1, f)).astype(wg_DxF.dtype)
+    dx_BxLxD = dx_BxLxD + dg_BxLxF @ wg_DxF.T
+  return (dx_BxLxD.astype(x_BxLxD.dtype), dwi_DxF.astype(wi_DxF.dtype), dwg_DxF,
+          dwo_FxD.astype(wo_FxD.dtype))
+
+
+_mlp_recomputing_hidden.defvjp(_mlp_recomputing_fwd, _mlp_recomputing_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _embed_lookup(vocab_size: int, table_VxD: jax.Array, tokens_BxL: jax.Array) -> jax.Array:
+  """table[tokens] whose gradient's [V, D] zero fill waits for d x (CPU).
+
+  Autodiff's scatter-add starts from a zero-filled [V, D] constant that
+  XLA:CPU fills at the start of the step, keeping 32 MB (bench_4l) live
+  through the whole forward pass; here the fill depends on d x (`_after`).
+  """
+  del vocab_size
+  return jnp.take(table_VxD, tokens_BxL, axis=0)
+
+
+def _embed_lookup_fwd(vocab_size, table_VxD, tokens_BxL):
+  del vocab_size
+  return jnp.take(table_VxD, tokens_BxL, axis=0), tokens_BxL
+
+
+def _embed_lookup_bwd(vocab_size, tokens_BxL, dx_BxLxD):
+  zeros_VxD = jnp.zeros((vocab_size, dx_BxLxD.shape[-1]), dx_BxLxD.dtype)
+  zeros_VxD = _after(zeros_VxD, dx_BxLxD.reshape(-1)[0])
+  return zeros_VxD.at[tokens_BxL].add(dx_BxLxD, mode='drop'), None
+
+
+_embed_lookup.defvjp(_embed_lookup_fwd, _embed_lookup_bwd)
 
 
 class Mlp(nnx.Module):
@@ -419,12 +486,16 @@ class Mlp(nnx.Module):
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     dtype = x_BxLxD.dtype
-    up = _up_projection if jax.default_backend() == 'cpu' else jnp.matmul
-    h_BxLxF = self.activation(up(x_BxLxD, self.wi_DxF[...].astype(dtype)))
-    if self.wg_DxF is not None:
-      h_BxLxF = h_BxLxF * up(x_BxLxD, self.wg_DxF[...].astype(dtype))
-    h_BxLxF = constrain(h_BxLxF, ('batch', 'length', 'mlp'))
-    return h_BxLxF @ self.wo_FxD[...].astype(dtype)
+    wi_DxF = self.wi_DxF[...].astype(dtype)
+    wg_DxF = None if self.wg_DxF is None else self.wg_DxF[...].astype(dtype)
+    wo_FxD = self.wo_FxD[...].astype(dtype)
+    if jax.default_backend() == 'cpu':
+      return _mlp_recomputing_hidden(self.activation, x_BxLxD, wi_DxF, wg_DxF, wo_FxD)
+    a_BxLxF = x_BxLxD @ wi_DxF
+    g_BxLxF = None if wg_DxF is None else x_BxLxD @ wg_DxF
+    h_BxLxF = constrain(_mlp_hidden(self.activation, a_BxLxF, g_BxLxF),
+                        ('batch', 'length', 'mlp'))
+    return h_BxLxF @ wo_FxD
 
 
 class Block(nnx.Module):
@@ -508,7 +579,11 @@ class Transformer(nnx.Module):
       mask_Bx1xLxS = _attention_mask(q_slots_L, segment_ids_BxL, k_segment_ids_BxS)
 
     dtype = jnp.dtype(c.dtype)
-    x_BxLxD = jnp.take(self.embedding_VxD[...].astype(dtype), tokens_BxL, axis=0)
+    table_VxD = self.embedding_VxD[...].astype(dtype)
+    if jax.default_backend() == 'cpu':
+      x_BxLxD = _embed_lookup(table_VxD.shape[0], table_VxD, tokens_BxL)
+    else:
+      x_BxLxD = jnp.take(table_VxD, tokens_BxL, axis=0)
     x_BxLxD = constrain(x_BxLxD, ('batch', 'length', 'embed'))
 
     def layer(block, x_BxLxD, kv):
