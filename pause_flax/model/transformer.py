@@ -473,7 +473,7 @@ _embed_lookup.defvjp(_embed_lookup_fwd, _embed_lookup_bwd)
 
 
 class Mlp(nnx.Module):
-  """act(x W_i) [* x W_gate] W_o."""
+  """act(x W_i) [* x W_gate] W_o (on CPU via `_mlp_recomputing_hidden`)."""
 
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
     c = config
