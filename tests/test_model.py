@@ -183,12 +183,16 @@ def test_mlp_recomputing_hidden_equals_autodiff(dtype, activation, gated):
   np.testing.assert_array_equal(mlp(x, wi, wg, wo), _plain_mlp(act, x, wi, wg, wo))
   got = jax.jit(lambda *a: jax.vjp(mlp, *a)[1](dy))(x, wi, wg, wo)
   want = jax.vjp(functools.partial(_plain_mlp, act), x, wi, wg, wo)[1](dy)
-  assert (got[2] is None) == (want[2] is None) == (not gated)
+  # The other backends' path: the forward rule's output under plain autodiff.
+  other = jax.vjp(lambda *a: tfm._mlp_recomputing_fwd(act, *a)[0], x, wi, wg, wo)[1](dy)
+  assert (got[2] is None) == (want[2] is None) == (other[2] is None) == (not gated)
   tol = 1e-5 if dtype == 'float32' else 2e-2
-  for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-    assert g.dtype == r.dtype and g.shape == r.shape
-    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32),
-                               rtol=tol, atol=tol)
+  for g, o, r in zip(jax.tree.leaves(got), jax.tree.leaves(other), jax.tree.leaves(want),
+                     strict=True):
+    for x_ in (g, o):
+      assert x_.dtype == r.dtype and x_.shape == r.shape
+      np.testing.assert_allclose(np.asarray(x_, np.float32), np.asarray(r, np.float32),
+                                 rtol=tol, atol=tol)
 
 
 def _grad_temp_bytes(f, *args) -> int:

@@ -416,6 +416,7 @@ def _mlp_recomputing_hidden(activation, x_BxLxD, wi_DxF, wg_DxF, wo_FxD):
 
 
 def _mlp_recomputing_fwd(activation, x_BxLxD, wi_DxF, wg_DxF, wo_FxD):
+  """(output, residuals); its output alone is the plain MLP that autodiff differentiates."""
   a_BxLxF = x_BxLxD @ wi_DxF
   g_BxLxF = None if wg_DxF is None else x_BxLxD @ wg_DxF
   h_BxLxF = constrain(_mlp_hidden(activation, a_BxLxF, g_BxLxF), ('batch', 'length', 'mlp'))
@@ -447,24 +448,24 @@ _mlp_recomputing_hidden.defvjp(_mlp_recomputing_fwd, _mlp_recomputing_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _embed_lookup(vocab_size: int, table_VxD: jax.Array, tokens_BxL: jax.Array) -> jax.Array:
+def _embed_lookup(num_rows: int, table_VxD: jax.Array, tokens_BxL: jax.Array) -> jax.Array:
   """table[tokens] whose gradient's [V, D] zero fill waits for d x (CPU).
 
   Autodiff's scatter-add starts from a zero-filled [V, D] constant that
   XLA:CPU fills at the start of the step, keeping 32 MB (bench_4l) live
   through the whole forward pass; here the fill depends on d x (`_after`).
   """
-  del vocab_size
+  del num_rows
   return jnp.take(table_VxD, tokens_BxL, axis=0)
 
 
-def _embed_lookup_fwd(vocab_size, table_VxD, tokens_BxL):
-  del vocab_size
+def _embed_lookup_fwd(num_rows, table_VxD, tokens_BxL):
+  del num_rows
   return jnp.take(table_VxD, tokens_BxL, axis=0), tokens_BxL
 
 
-def _embed_lookup_bwd(vocab_size, tokens_BxL, dx_BxLxD):
-  zeros_VxD = jnp.zeros((vocab_size, dx_BxLxD.shape[-1]), dx_BxLxD.dtype)
+def _embed_lookup_bwd(num_rows, tokens_BxL, dx_BxLxD):
+  zeros_VxD = jnp.zeros((num_rows, dx_BxLxD.shape[-1]), dx_BxLxD.dtype)
   zeros_VxD = _after(zeros_VxD, dx_BxLxD.reshape(-1)[0])
   return zeros_VxD.at[tokens_BxL].add(dx_BxLxD, mode='drop'), None
 
@@ -491,11 +492,7 @@ class Mlp(nnx.Module):
     wo_FxD = self.wo_FxD[...].astype(dtype)
     if jax.default_backend() == 'cpu':
       return _mlp_recomputing_hidden(self.activation, x_BxLxD, wi_DxF, wg_DxF, wo_FxD)
-    a_BxLxF = x_BxLxD @ wi_DxF
-    g_BxLxF = None if wg_DxF is None else x_BxLxD @ wg_DxF
-    h_BxLxF = constrain(_mlp_hidden(self.activation, a_BxLxF, g_BxLxF),
-                        ('batch', 'length', 'mlp'))
-    return h_BxLxF @ wo_FxD
+    return _mlp_recomputing_fwd(self.activation, x_BxLxD, wi_DxF, wg_DxF, wo_FxD)[0]
 
 
 class Block(nnx.Module):
