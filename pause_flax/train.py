@@ -143,6 +143,7 @@ def main(argv: Sequence[str]) -> None:
   absl_logging.get_absl_handler().addFilter(_QuietLibraries())
   initialize_distributed()
   gin_utils.parse_gin_flags()
+  register_tasks()
   mesh = make_mesh()
   try:
     train(mesh=mesh, optimizer=lambda schedule: make_optimizer(schedule),

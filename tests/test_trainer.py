@@ -163,7 +163,7 @@ def test_weight_decay_skips_vectors():
 def test_bad_optimizer_settings_raise():
   with pytest.raises(ValueError, match="decay='poly'"):
     optimizer_lib.make_schedule(1.0, 10, decay="poly")
-  with pytest.raises(ValueError, match="warmup_steps=20"):
+  with pytest.raises(ValueError, match="WARMUP_STEPS=20"):
     optimizer_lib.make_schedule(1.0, 10, warmup_steps=20)
   with pytest.raises(ValueError, match="clip_norm=0"):
     optimizer_lib.make_optimizer(1.0, clip_norm=0)

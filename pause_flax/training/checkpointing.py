@@ -7,15 +7,23 @@ A checkpoint at step S lives in `<dir>/<S>/` with four items:
              resumed run continues on exactly the batches it would have seen
   meta       JSON: step, vocabulary size, model config
 Orbax writes each checkpoint to a temporary directory and renames it when
-complete, so a save killed half-way never shows up as a step. A finalised
-checkpoint that fails to restore (a truncated or corrupt file) is moved
-aside to `<dir>/<S>.corrupt` and the previous one is used.
+complete, so a save killed half-way never shows up as a step.
+
+A checkpoint is moved aside only when it is proven damaged: its own
+metadata matches what this run restores (same tree, shapes and dtypes), yet
+its files fail to read or hold non-finite values, or one process's iterator
+state is missing. It goes to `<dir>/<S>.corrupt` (`.corrupt-2`, ... if that
+exists; nothing is ever deleted) and the previous one is used. A checkpoint
+that this run's model or optimizer cannot read is intact: the restore stops
+with IncompatibleCheckpoint and moves nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
+from collections.abc import Callable
 from typing import Any
 
 from absl import logging
@@ -47,11 +55,18 @@ class DataIteratorHandler(ocp.CheckpointHandler):
     args.item.save(self._prefix(directory))
 
   def restore(self, directory: epath.Path, args: "DataIteratorRestore") -> Any:
-    prefix = os.fspath(directory / f"process_{jax.process_index()}" / "iterator")
-    if not (directory / f"process_{jax.process_index()}").exists():
-      raise IncompatibleCheckpoint(
-          f"No data-iterator state for process {jax.process_index()} in {directory}: the "
-          "checkpoint was written by a run with a different number of processes.")
+    index, count = jax.process_index(), jax.process_count()
+    prefix = os.fspath(directory / f"process_{index}" / "iterator")
+    if not (directory / f"process_{index}").exists():
+      saved = sorted(int(p.name.split("_")[1]) for p in directory.iterdir()
+                     if p.name.startswith("process_") and p.name[8:].isdigit())
+      if saved and saved == list(range(len(saved))) and len(saved) != count:
+        raise IncompatibleCheckpoint(
+            f"{directory.parent} was written by {len(saved)} process(es), this run has "
+            f"{count}: resume with {len(saved)} processes (the data iterator state is "
+            "per process).")
+      raise DamagedCheckpoint(f"the data-iterator state of process {index} is missing "
+                              f"from {directory}")
     args.item.restore(prefix)
     return args.item
 
@@ -75,6 +90,14 @@ class IncompatibleCheckpoint(ValueError):
   """The checkpoint is intact but does not fit this run (model, processes)."""
 
 
+class DamagedCheckpoint(Exception):
+  """A checkpoint's own files fail their checks."""
+
+
+class CheckpointSaveError(RuntimeError):
+  """A save failed; the earlier checkpoints are intact (one-line message)."""
+
+
 # -- helpers ------------------------------------------------------------------
 
 
@@ -95,6 +118,27 @@ def all_finite(tree: Any) -> bool:
   return bool(_all_finite(tree))
 
 
+def _first_line(error: BaseException) -> str:
+  text = str(error)
+  return text.splitlines()[0][:300] if text else ""
+
+
+def _leaf_signatures(tree: Any) -> list[tuple[str, tuple, str]]:
+  """(path, shape, dtype) per leaf, with paths spelled the same for a restored
+  metadata tree (dicts, lists) and a live one (namedtuples, dataclasses)."""
+  def key_name(k) -> str:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        return str(getattr(k, attr))
+    return str(k)
+  out = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    dtype = getattr(leaf, "dtype", None)
+    out.append(("/".join(key_name(k) for k in path), tuple(getattr(leaf, "shape", ())),
+                str(np.dtype(dtype)) if dtype is not None else "?"))
+  return out
+
+
 @dataclasses.dataclass(frozen=True)
 class CheckpointOptions:
   """When to save and what to keep."""
@@ -109,12 +153,14 @@ class Checkpointer:
 
   def __init__(self, directory: str, options: CheckpointOptions = CheckpointOptions()):
     if options.keep < 1:
-      raise ValueError(f"keep={options.keep} must be >= 1: the newest checkpoint is "
-                       "always kept.")
+      raise ValueError(f"KEEP={options.keep} (CheckpointOptions.keep) must be >= 1: the "
+                       "newest checkpoint is always kept.")
     if options.save_every < 0:
-      raise ValueError(f"save_every={options.save_every} must be >= 0.")
+      raise ValueError(f"SAVE_EVERY={options.save_every} (CheckpointOptions.save_every) "
+                       "must be >= 0 (0: save only at the end).")
     self.directory = epath.Path(directory)
     self.options = options
+    self._pending: int | None = None  # the step of the newest save started
     self.manager = ocp.CheckpointManager(
         self.directory,
         item_handlers={PARAMS: ocp.StandardCheckpointHandler(),
@@ -136,25 +182,60 @@ class Checkpointer:
 
   def save(self, step: int, params: Any, opt_state: Any, data_iterator: Any,
            meta: dict | None = None) -> None:
-    """Saves asynchronously; refuses a state that is not finite."""
+    """Saves asynchronously; refuses a state that is not finite.
+
+    An earlier asynchronous save that failed (e.g. a full disk) is reported
+    here, before another one starts.
+    """
+    self.check_for_errors()
     if not all_finite(params) or not all_finite(opt_state):
       raise FloatingPointError(
           f"Refusing to save step {step}: the parameters or optimizer state are not finite.")
     args = {
         PARAMS: ocp.args.StandardSave(params),
         OPT_STATE: ocp.args.StandardSave({"step": np.int64(step), "opt_state": opt_state}),
-        META: ocp.args.JsonSave({"step": step, **(meta or {})}),
+        META: ocp.args.JsonSave({"step": step, "process_count": jax.process_count(),
+                                 **(meta or {})}),
     }
     if data_iterator is not None:
       args[DATA] = DataIteratorSave(data_iterator)
-    self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+    self._pending = step
+    try:
+      self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      self._save_failed(step, e)
+
+  def check_for_errors(self) -> None:
+    """Raises CheckpointSaveError if an asynchronous save has failed."""
+    try:
+      self.manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      self._save_failed(self._pending, e)
+
+  def _save_failed(self, step: int | None, error: Exception) -> None:
+    if jax.process_index() == 0 and step is not None:
+      for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+        tmp.rmtree()  # an unfinished write, never a checkpoint
+    intact = [s for s in self.steps() if s != step]
+    raise CheckpointSaveError(
+        f"Saving the checkpoint of step {step} to {self.directory} failed "
+        f"({type(error).__name__}: {_first_line(error)}); "
+        + (f"the checkpoints up to step {intact[-1]} are intact: fix the cause (e.g. free "
+           "disk space) and rerun the same command to resume from there."
+           if intact else "no checkpoint was written yet: fix the cause and rerun.")) from error
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      self._save_failed(self._pending, e)
+    self.check_for_errors()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
   # -- restoring ------------------------------------------------------------
 
@@ -162,69 +243,94 @@ class Checkpointer:
     self.manager.reload()
     return sorted(self.manager.all_steps())
 
-  def restore_latest(self, abstract_params: Any, abstract_opt_state: Any,
-                     data_iterator: Any) -> tuple[int, Any, Any] | None:
-    """(step, params, opt_state) of the newest checkpoint that restores.
+  def quarantined(self) -> list[str]:
+    """Names of the checkpoints moved aside as damaged (`<S>.corrupt[-N]`)."""
+    if not self.directory.exists():
+      return []
+    return sorted(p.name for p in self.directory.iterdir()
+                  if re.fullmatch(r"\d+\.corrupt(-\d+)?", p.name))
 
-    Restores the data iterator's position too. A checkpoint that fails is moved
-    aside with a warning and the previous one is tried.
+  def restore_latest(self, abstract_params: Any, abstract_opt_state: Any,
+                     make_data_iterator: Callable[[], Any] | None = None
+                     ) -> tuple[int, Any, Any, Any] | None:
+    """(step, params, opt_state, data iterator) of the newest intact checkpoint.
+
+    `make_data_iterator()` returns a fresh iterator (an object with
+    save/restore(prefix)); the one returned is positioned where the checkpoint
+    left off, and one that a damaged checkpoint touched is never reused.
+    Damaged checkpoints are moved aside with a warning and the previous one is
+    tried; a checkpoint this run cannot read raises IncompatibleCheckpoint.
     """
     for step in reversed(self.steps()):
-      self.check_compatible(step, abstract_params)
-      try:
-        args = {
-            PARAMS: ocp.args.StandardRestore(abstract_params),
-            OPT_STATE: ocp.args.StandardRestore(
-                {"step": jax.ShapeDtypeStruct((), np.int64), "opt_state": abstract_opt_state}),
-        }
-        if data_iterator is not None:
-          args[DATA] = DataIteratorRestore(data_iterator)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-        params, opt = restored[PARAMS], restored[OPT_STATE]
-        if not all_finite(params) or not all_finite(opt["opt_state"]):
-          raise ValueError("restored values are not finite")
-      except IncompatibleCheckpoint:
-        raise
-      except Exception as e:  # pylint: disable=broad-except
-        self._quarantine(step, e)
+      damage = self.check_compatible(step, abstract_params, abstract_opt_state)
+      iterator = None
+      if damage is None:
+        try:
+          restored = self.manager.restore(step, args=ocp.args.Composite(**{
+              PARAMS: ocp.args.StandardRestore(abstract_params),
+              OPT_STATE: ocp.args.StandardRestore(
+                  {"step": jax.ShapeDtypeStruct((), np.int64),
+                   "opt_state": abstract_opt_state})}))
+          params, opt = restored[PARAMS], restored[OPT_STATE]
+          if not all_finite(params) or not all_finite(opt["opt_state"]):
+            damage = DamagedCheckpoint("restored values are not finite")
+        except Exception as e:  # pylint: disable=broad-except
+          damage = e
+      if damage is None and make_data_iterator is not None:
+        iterator = make_data_iterator()
+        try:
+          self.manager.restore(step, args=ocp.args.Composite(
+              **{DATA: DataIteratorRestore(iterator)}))
+        except IncompatibleCheckpoint:
+          raise
+        except Exception as e:  # pylint: disable=broad-except
+          damage = e
+      if damage is not None:
+        self._quarantine(step, damage)
         continue
       if step != self.steps()[-1]:
         logging.warning("Resumed from step %d, an older checkpoint.", step)
-      return step, params, opt["opt_state"]
+      return step, params, opt["opt_state"], iterator
     return None
 
-  def check_compatible(self, step: int, abstract_params: Any) -> None:
-    """Raises IncompatibleCheckpoint if `step` holds a different model.
+  def check_compatible(self, step: int, abstract_params: Any,
+                       abstract_opt_state: Any = None) -> Exception | None:
+    """Raises IncompatibleCheckpoint if `step` holds another model or optimizer
+    state; returns the error if its metadata cannot be read (damaged), else None.
 
     A checkpoint of another architecture is not corrupt: it is never moved
     aside, the run stops and says what differs.
     """
     try:
-      saved = self.manager.item_metadata(step)[PARAMS]
-    except Exception:  # pylint: disable=broad-except
-      return  # unreadable metadata: let the restore decide (corrupt)
-    if saved is None:
-      return
-    saved_shapes = {jax.tree_util.keystr(k): tuple(v.shape)
-                    for k, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
-    want_shapes = {jax.tree_util.keystr(k): tuple(v.shape)
-                   for k, v in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
-    diff = sorted(set(saved_shapes.items()) ^ set(want_shapes.items()))
-    if diff:
-      raise IncompatibleCheckpoint(
-          f"The checkpoint at {self.directory / str(step)} holds a different model than this "
-          f"run configures (first differences: {diff[:4]}). Use a new MODEL_DIR, or restore "
-          "the model settings the checkpoint was made with.")
+      saved = self.manager.item_metadata(step)
+      saved_params, saved_opt = saved[PARAMS], saved[OPT_STATE]
+    except Exception as e:  # pylint: disable=broad-except
+      return e
+    if saved_params is None or (abstract_opt_state is not None and saved_opt is None):
+      return DamagedCheckpoint("its array metadata is missing")
+    items = [("model", saved_params, abstract_params)]
+    if abstract_opt_state is not None:
+      items.append(("optimizer state", saved_opt["opt_state"], abstract_opt_state))
+    for what, have, want in items:
+      diff = sorted(set(_leaf_signatures(have)) ^ set(_leaf_signatures(want)))
+      if diff:
+        raise IncompatibleCheckpoint(
+            f"The checkpoint at {self.directory / str(step)} holds a different {what} than "
+            f"this run configures (first differences: {diff[:4]}). Use a new MODEL_DIR, or "
+            "restore the settings the checkpoint was made with.")
+    return None
 
   def _quarantine(self, step: int, error: Exception) -> None:
     src = self.directory / str(step)
     dst = self.directory / f"{step}.corrupt"
-    logging.warning("Checkpoint %s is unreadable (%s: %s); moving it to %s and falling "
+    n = 1
+    while dst.exists():
+      n += 1
+      dst = self.directory / f"{step}.corrupt-{n}"
+    logging.warning("Checkpoint %s is damaged (%s: %s); moving it to %s and falling "
                     "back to the previous checkpoint.", src, type(error).__name__,
-                    str(error).splitlines()[0][:300] if str(error) else "", dst)
+                    _first_line(error), dst)
     if jax.process_index() == 0:
-      if dst.exists():
-        dst.rmtree()
       src.rename(dst)
     self.manager.reload()
 

@@ -15,13 +15,13 @@ from collections.abc import Mapping, Sequence
 from absl import logging
 import jax
 import numpy as np
-import optax
 
 from pause_flax import parallel
 from pause_flax.model import transformer as transformer_lib
 from pause_flax.training import checkpointing
 from pause_flax.training import metrics as metrics_lib
 from pause_flax.training import optimizer as optimizer_lib
+from pause_flax.training import run_dir
 from pause_flax.training import trainer as trainer_lib
 
 
@@ -48,7 +48,7 @@ def _validate_run(model_dir: str | None, batch_size: int, train_steps: int,
         f"ACCUM_STEPS={accum_steps} must be >= 1 and split BATCH_SIZE={batch_size} into "
         f"micro-batches that are themselves multiples of the data-parallel size {dp}.")
   if log_every < 1:
-    raise ValueError(f"log_every={log_every} must be >= 1.")
+    raise ValueError(f"train.log_every={log_every} must be >= 1.")
 
 
 def train(*, model_dir: str,
@@ -77,6 +77,7 @@ def train(*, model_dir: str,
               checkpointing.CheckpointOptions()),
           init_from: str | None = None,
           skip_nonfinite_updates: int = 0,
+          allow_changes: Sequence[str] = (),
           optimizer=None,
           config_str=None,
           extra_metrics_hook=None,
@@ -126,22 +127,13 @@ def train(*, model_dir: str,
   schedule = optimizer_lib.make_schedule(learning_rate, train_steps, warmup_steps, decay,
                            end_learning_rate_fraction)
   tx = optimizer(schedule) if optimizer is not None else optimizer_lib.make_optimizer(schedule)
-  if skip_nonfinite_updates:
-    tx = optax.apply_if_finite(tx, max_consecutive_errors=skip_nonfinite_updates)
   trainer = trainer_lib.Trainer(
       model_config, tx, mesh, rules=rules, schedule=schedule,
       options=trainer_lib.StepOptions(accum_steps=accum_steps, z_loss=z_loss,
                                       pause_id=pause_id))
 
-  if jax.process_index() == 0:
-    tf_gfile_makedirs(model_dir)
-    if config_str is not None:
-      with open_for_write(os.path.join(model_dir, "config.gin")) as f:
-        f.write(config_str())
-
   ds = pipeline.get_dataset(task_name, task_feature_lengths, batch_size, seed=data_seed,
                             shuffle=True, pack=pack, data_shards=data_shards)
-  data_iter = pipeline.CheckpointableIterator(ds)
   ckpt = checkpointing.Checkpointer(os.path.join(model_dir, "checkpoints"),
                                     checkpoint_options)
   flops_per_step = trainer.flops_per_step(batch_size, seq_len)
@@ -149,18 +141,58 @@ def train(*, model_dir: str,
   logging.info("Task %s, feature lengths %s, batch %d, mesh %s, %s parameters.",
                task_name, dict(task_feature_lengths), batch_size, dict(mesh.shape),
                f"{transformer_lib.num_params(model_config):,}")
+  meta = {"vocab_size": model_config.vocab_size, "task": task_name,
+          "base_task": mixture_or_task_name, "num_pauses": num_pauses,
+          "model_config": dataclasses.asdict(model_config),
+          "data": _data_settings(task_name, task_feature_lengths, batch_size, pack,
+                                 data_seed, data_shards)}
+  config_text = config_str() if config_str is not None else None
 
-  state = _initial_state(trainer, ckpt, data_iter, seed, init_from)
+  lock = _lock(model_dir)
+  logger = None
+  try:
+    accepted = _check_resume(ckpt, model_dir, config_text, meta["data"], train_steps,
+                             allow_changes)
+    state, data_iter = _initial_state(
+        trainer, ckpt, lambda: pipeline.CheckpointableIterator(ds), seed, init_from,
+        model_dir)
+    start_step = int(state.step)
+    if start_step >= train_steps:
+      logging.info("MODEL_DIR %s is already at step %d = TRAIN_STEPS: nothing to train.",
+                   model_dir, start_step)
+      return []
+    # The resume is accepted: only now is anything in MODEL_DIR rewritten.
+    if jax.process_index() == 0:
+      if config_text is not None:
+        with open_for_write(os.path.join(model_dir, "config.gin")) as f:
+          f.write(config_text)
+      run_dir.log_accepted(model_dir, start_step, accepted)
+    logger = metrics_lib.MetricsLogger(model_dir, total_steps=train_steps)
+    logger.truncate_after(start_step)
+    return _train_loop(trainer, ckpt, data_iter, state, logger, meta, batch_size=batch_size,
+                       seq_len=seq_len, train_steps=train_steps, log_every=log_every,
+                       flops_per_step=flops_per_step, peak=peak,
+                       skip_nonfinite_updates=skip_nonfinite_updates,
+                       extra_metrics_hook=extra_metrics_hook, eval_hook=eval_hook)
+  finally:
+    ckpt.close()
+    if logger is not None:
+      logger.close()
+    if lock is not None:
+      lock.release()
+
+
+def _train_loop(trainer, ckpt, data_iter, state, logger, meta, *, batch_size, seq_len,
+                train_steps, log_every, flops_per_step, peak, skip_nonfinite_updates,
+                extra_metrics_hook, eval_hook) -> list[dict]:
+  """Steps from `state.step` to `train_steps`: metrics at log steps, checkpoints."""
+  from pause_flax.data import pipeline  # pylint: disable=g-import-not-at-top
   start_step = int(state.step)
-  logger = metrics_lib.MetricsLogger(model_dir, total_steps=train_steps)
-  logger.truncate_after(start_step)
   stop = _StopSignal()
   rows = []
   finite_flags = []
+  nonfinite = _NonFiniteGuard(skip_nonfinite_updates)
   window_start, window_steps = time.perf_counter(), 0
-  meta = {"vocab_size": model_config.vocab_size, "task": task_name,
-          "base_task": mixture_or_task_name, "num_pauses": num_pauses,
-          "model_config": dataclasses.asdict(model_config)}
   try:
     for step in range(start_step, train_steps):
       batch = pipeline.to_global(next(data_iter), trainer.batch_sharding, batch_size)
@@ -169,8 +201,9 @@ def train(*, model_dir: str,
       window_steps += 1
       done = step + 1
       if done % log_every == 0 or done == train_steps:
-        _check_finite(finite_flags, done, skip_nonfinite_updates)
+        nonfinite.check(finite_flags, done)
         finite_flags = []
+        ckpt.check_for_errors()
         metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
         metrics.pop("finite")
         step_time = (time.perf_counter() - window_start) / window_steps
@@ -186,7 +219,8 @@ def train(*, model_dir: str,
         rows.append(logger.write(done, metrics))
       preempted = stop.requested()
       if ckpt.should_save(done) or done == train_steps or preempted:
-        _check_finite(finite_flags, done, skip_nonfinite_updates)
+        nonfinite.check(finite_flags, done)
+        finite_flags = []
         ckpt.save(done, state.params, state.opt_state, data_iter, meta)
       if preempted:
         ckpt.wait()
@@ -195,8 +229,6 @@ def train(*, model_dir: str,
         raise Preempted(done)
   finally:
     stop.restore()
-    ckpt.close()
-    logger.close()
   return rows
 
 
@@ -242,41 +274,158 @@ class _StopSignal:
       signal.signal(sig, handler)
 
 
-def _check_finite(flags, step: int, skip_nonfinite_updates: int) -> None:
-  if not flags:
-    return
-  values = np.asarray(jax.device_get(flags))
-  if values.all():
-    return
-  if skip_nonfinite_updates:
+class _NonFiniteGuard:
+  """Counts non-finite steps in a row (their updates were not applied) and
+  stops the run once there are more than `skip` of them."""
+
+  def __init__(self, skip: int):
+    self.skip = skip
+    self.in_a_row = 0
+
+  def check(self, flags, step: int) -> None:
+    if not flags:
+      return
+    values = np.asarray(jax.device_get(flags)) > 0
+    longest = run = self.in_a_row
+    for ok in values:
+      run = 0 if ok else run + 1
+      longest = max(longest, run)
+    self.in_a_row = run
+    if values.all():
+      return
+    if longest > self.skip:
+      raise FloatingPointError(
+          f"Non-finite loss or gradient norm before step {step} (the update was not "
+          "applied; the run stops without saving). Lower LEARNING_RATE, enable "
+          "train.z_loss, or rerun with --gin.train.skip_nonfinite_updates=N to skip up to "
+          "N such updates in a row (safe to change on resume).")
     logging.warning("%d non-finite update(s) skipped before step %d.",
-                    int((values == 0).sum()), step)
+                    int((~values).sum()), step)
+
+
+def _data_settings(task_name: str, task_feature_lengths: Mapping[str, int],
+                   batch_size: int, pack: bool, data_seed: int,
+                   data_shards: int | None) -> dict:
+  """What fixes the batches a run sees (saved in each checkpoint's meta)."""
+  return {"task": task_name, "task_feature_lengths": dict(task_feature_lengths),
+          "batch_size": batch_size, "pack": bool(pack), "data_seed": data_seed,
+          "data_shards": data_shards or jax.process_count()}
+
+
+# How _data_settings' keys are set in gin.
+_DATA_SETTING_NAMES = {
+    "task": "MIXTURE_OR_TASK_NAME / PAUSE_FRACTION / NUM_PAUSES",
+    "task_feature_lengths": "TASK_FEATURE_LENGTHS", "batch_size": "BATCH_SIZE",
+    "pack": "train.pack", "data_seed": "SEED (train.data_seed)",
+    "data_shards": "train.data_shards"}
+
+
+def _check_model_dir(model_dir: str) -> None:
+  if "://" in model_dir:
     return
-  raise FloatingPointError(
-      f"Non-finite loss or gradient norm before step {step}; the run stops without saving "
-      "that state. Lower the learning rate, enable z_loss, or set "
-      "train.skip_nonfinite_updates=N to skip up to N such updates in a row.")
+  if os.path.exists(model_dir) and not os.path.isdir(model_dir):
+    raise run_dir.ResumeRefused(f"MODEL_DIR={model_dir!r} is a file: give a directory "
+                                "(new, or holding a run).")
+  parent = os.path.abspath(model_dir)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise run_dir.ResumeRefused(f"MODEL_DIR={model_dir!r} is not writable ({parent!r} "
+                                "refuses writes): choose a directory you can write.")
+
+
+def _lock(model_dir: str) -> run_dir.RunLock | None:
+  """Process 0 locks MODEL_DIR; every process stops if it could not."""
+  _check_model_dir(model_dir)
+  lock, error = None, None
+  if jax.process_index() == 0:
+    if "://" in model_dir:
+      logging.warning("MODEL_DIR %s is not a local path: it is not locked against a "
+                      "second run.", model_dir)
+    else:
+      tf_gfile_makedirs(model_dir)
+      try:
+        lock = run_dir.RunLock(model_dir).acquire()
+      except run_dir.RunDirInUse as e:
+        error = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    failed = multihost_utils.process_allgather(np.asarray(error is not None, np.int32))
+    if failed.any() and error is None:
+      error = run_dir.RunDirInUse(f"MODEL_DIR={model_dir!r} is in use by another run "
+                                  "(process 0 could not lock it).")
+  if error is not None:
+    raise error
+  return lock
+
+
+def _check_resume(ckpt: checkpointing.Checkpointer, model_dir: str,
+                  config_text: str | None, data: dict, train_steps: int,
+                  allow_changes: Sequence[str]) -> list[run_dir.Change]:
+  """Refuses, before anything in MODEL_DIR is written, a command that may not
+  continue the run there; returns the accepted setting changes."""
+  steps = ckpt.steps()
+  if not steps:
+    _refuse_if_all_damaged(ckpt, model_dir)
+    return []
+  accepted = []
+  saved_path = os.path.join(model_dir, "config.gin")
+  if config_text is not None and os.path.exists(saved_path):
+    with open(saved_path, encoding="utf-8") as f:
+      saved = f.read()
+    accepted = run_dir.check_resume(run_dir.compare_configs(saved, config_text),
+                                    allow_changes, model_dir, steps[-1])
+  try:
+    saved_data = ckpt.read_meta(steps[-1]).get("data") or {}
+  except Exception:  # pylint: disable=broad-except
+    saved_data = {}  # unreadable meta: the restore decides whether it is damaged
+  differ = [k for k in saved_data if k in data and saved_data[k] != data[k]]
+  if differ:
+    raise run_dir.ResumeRefused(
+        f"MODEL_DIR={model_dir!r} holds a run at step {steps[-1]} whose data differ: "
+        + "; ".join(f"{_DATA_SETTING_NAMES.get(k, k)} {saved_data[k]!r} -> {data[k]!r}"
+                    for k in differ)
+        + ". The data cannot change on resume: use a new MODEL_DIR or the saved settings.")
+  if train_steps < steps[-1]:
+    raise run_dir.ResumeRefused(
+        f"TRAIN_STEPS={train_steps} is below step {steps[-1]}, which MODEL_DIR={model_dir!r}"
+        f" has reached: pass --gin.TRAIN_STEPS={steps[-1]} or more to continue it, or "
+        "use a new MODEL_DIR.")
+  return accepted
+
+
+def _refuse_if_all_damaged(ckpt: checkpointing.Checkpointer, model_dir: str) -> None:
+  """A run whose every checkpoint was moved aside does not restart by itself."""
+  moved = ckpt.quarantined()
+  if moved:
+    raise run_dir.ResumeRefused(
+        f"MODEL_DIR={model_dir!r} has no intact checkpoint (damaged ones were moved to "
+        f"{', '.join(moved)} in {ckpt.directory}); it will not start over on its own: use a "
+        "new MODEL_DIR, or move those folders out of checkpoints/ to restart from step 0.")
 
 
 def _initial_state(trainer: trainer_lib.Trainer, ckpt: checkpointing.Checkpointer,
-                 data_iter, seed: int, init_from: str | None) -> trainer_lib.TrainState:
-  """Resume from MODEL_DIR if it has a checkpoint, else init (or load params)."""
+                   make_data_iterator, seed: int, init_from: str | None, model_dir: str
+                   ) -> tuple[trainer_lib.TrainState, object]:
+  """Resume from MODEL_DIR if it has an intact checkpoint, else init (or load
+  params); returns the state and the data iterator positioned to match."""
   restored = ckpt.restore_latest(
       checkpointing.abstract_with_shardings(trainer.abstract_params,
                                             trainer.param_shardings),
       checkpointing.abstract_with_shardings(trainer.abstract_state.opt_state,
                                             trainer.state_shardings.opt_state),
-      data_iter)
+      make_data_iterator)
   if restored is not None:
-    step, params, opt_state = restored
+    step, params, opt_state, data_iter = restored
     logging.info("Resumed from %s at step %d.", ckpt.directory, step)
     return trainer_lib.TrainState(step=jax.device_put(np.int32(step), trainer.replicated),
-                                  params=params, opt_state=opt_state)
+                                  params=params, opt_state=opt_state), data_iter
+  _refuse_if_all_damaged(ckpt, model_dir)
   if not init_from:
-    return trainer.init(seed)
+    return trainer.init(seed), make_data_iterator()
   params = checkpointing.load_params(init_from, trainer)
   logging.info("Initialised parameters from %s (optimizer state fresh).", init_from)
-  return trainer.fresh_state(params)
+  return trainer.fresh_state(params), make_data_iterator()
 
 
 def _init_from_vocab_size(init_from: str) -> int | None:

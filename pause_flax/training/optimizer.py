@@ -19,12 +19,12 @@ def make_schedule(peak_learning_rate: float, total_steps: int, warmup_steps: int
   root, continuous at the end of warmup), never below the end value.
   """
   if decay not in DECAYS:
-    raise ValueError(f"decay={decay!r} is not one of {DECAYS}.")
+    raise ValueError(f"train.decay={decay!r} is not one of {DECAYS}.")
   if peak_learning_rate <= 0:
-    raise ValueError(f"peak_learning_rate={peak_learning_rate} must be > 0.")
+    raise ValueError(f"LEARNING_RATE={peak_learning_rate} must be > 0.")
   if not 0 <= warmup_steps <= total_steps:
     raise ValueError(
-        f"warmup_steps={warmup_steps} must be between 0 and total_steps={total_steps}.")
+        f"WARMUP_STEPS={warmup_steps} must be between 0 and TRAIN_STEPS={total_steps}.")
   end = peak_learning_rate * end_learning_rate_fraction
   decay_steps = max(total_steps - warmup_steps, 1)
   warmup = optax.linear_schedule(0.0, peak_learning_rate, max(warmup_steps, 1))
@@ -61,7 +61,8 @@ def make_optimizer(learning_rate: float | optax.Schedule, *, b1: float = 0.9,
                    ) -> optax.GradientTransformation:
   """Global-norm clipping, then AdamW (decoupled weight decay, masked)."""
   if clip_norm is not None and clip_norm <= 0:
-    raise ValueError(f"clip_norm={clip_norm} must be positive, or None to disable.")
+    raise ValueError(f"make_optimizer.clip_norm={clip_norm} must be positive, or None to "
+                     "disable clipping.")
   parts = []
   if clip_norm is not None:
     parts.append(optax.clip_by_global_norm(clip_norm))

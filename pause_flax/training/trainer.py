@@ -166,6 +166,12 @@ class Trainer:
     grad_norm = optax.global_norm(grads)
     loss = sums.loss / denom
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A non-finite update is never applied: the state stays as it was and the
+    # loop decides (stop, or skip up to skip_nonfinite_updates in a row). The
+    # state's structure does not depend on that setting.
+    keep = lambda new, old: jnp.where(finite, new, old)
+    params = jax.tree.map(keep, params, state.params)
+    opt_state = jax.tree.map(keep, opt_state, state.opt_state)
     metrics = {
         "loss": loss,
         "cross_entropy": sums.ce / denom,
