@@ -374,7 +374,8 @@ def test_missing_flags_fail_clearly(args, message):
 
 
 def test_install_needs_a_checkout(tmp_path):
-  result = _tpu_pod("install", "--name=t", "--zone=us-central2-b", f"--source-dir={tmp_path}", "--dry-run")
+  result = _tpu_pod("install", "--name=t", "--zone=us-central2-b", f"--source-dir={tmp_path}",
+                    "--dry-run")
   assert result.returncode == 2 and "pause_flax checkout" in result.stderr
 
 
