@@ -158,6 +158,15 @@ def config_from_hf(hf: dict, max_len: int | None = None) -> transformer_lib.Tran
 # -- parameters -------------------------------------------------------------------
 
 # (ours under blocks/, HF name under model.layers.<i>., HF [out, in] -> ours)
+#
+# The MLP's names cross over: ours computes act(x wi) * (x wg) wo, HF Llama's
+# down_proj(act(gate_proj(x)) * up_proj(x)). HF's gate_proj (under the
+# activation) is our wi; HF's up_proj (the plain factor) is our wg, although
+# "g" reads like "gate":
+#   ours             HF
+#   mlp/wi_DxF   <-  mlp.gate_proj.weight   (goes through act)
+#   mlp/wg_DxF   <-  mlp.up_proj.weight     (multiplies act(...))
+#   mlp/wo_FxD   <-  mlp.down_proj.weight
 _LAYER_WEIGHTS = (
     (("attn", "q_DxNxH"), "self_attn.q_proj.weight", "heads_out"),
     (("attn", "k_DxKxH"), "self_attn.k_proj.weight", "heads_out"),
