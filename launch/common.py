@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 DEFAULT_SOURCE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class LaunchError(ValueError):
-  """A bad launcher argument, reported without a traceback."""
+  """A bad launcher argument, reported as one line without a traceback."""
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+  """An ArgumentParser whose errors are one line (no usage block), exit status 2."""
+
+  def error(self, message: str) -> NoReturn:
+    self.exit(2, f"{self.prog}: error: {message}; see --help\n")
 
 
 def parse_with_train_args(parser: argparse.ArgumentParser,
@@ -25,3 +34,17 @@ def parse_with_train_args(parser: argparse.ArgumentParser,
   args.train_args = argv[split + 1:]
   args.source_dir = os.path.abspath(args.source_dir)
   return args
+
+
+def wants_debug(argv: Sequence[str]) -> bool:
+  """Whether `--debug` is among the launcher's own flags (before a bare `--`)."""
+  argv = list(argv)
+  return "--debug" in argv[:argv.index("--") if "--" in argv else len(argv)]
+
+
+def refuse(prog: str, error: LaunchError, debug: bool) -> int:
+  """Prints a refusal as one line (re-raises with --debug); returns exit status 2."""
+  if debug:
+    raise error
+  print(f"{prog}: error: {error}", file=sys.stderr)
+  return 2

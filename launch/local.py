@@ -24,7 +24,8 @@ import sys
 import time
 from collections.abc import Sequence
 
-from common import DEFAULT_SOURCE_DIR, LaunchError, parse_with_train_args
+from common import (DEFAULT_SOURCE_DIR, LaunchError, OneLineArgumentParser,
+                    parse_with_train_args, refuse, wants_debug)
 
 _DEFAULT_SOURCE_DIR = DEFAULT_SOURCE_DIR
 _POLL_SECONDS = 0.2
@@ -38,7 +39,7 @@ def _free_port() -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+  parser = OneLineArgumentParser(
       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   parser.add_argument("--num-processes", type=int, default=2)
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
       "--source-dir", default=_DEFAULT_SOURCE_DIR, help="pause_flax checkout to run in"
   )
   parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+  parser.add_argument("--debug", action="store_true", help="show tracebacks of refusals")
   return parser
 
 
@@ -72,18 +74,21 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   if "://" not in args.model_dir:  # Processes run in --source-dir: make it absolute.
     args.model_dir = os.path.abspath(args.model_dir)
   elif not args.log_dir:
-    raise LaunchError("--model-dir is not a local path; give a local --log-dir")
+    raise LaunchError(f"--model-dir {args.model_dir!r} is not a local path; give a local "
+                      "--log-dir")
   args.log_dir = os.path.abspath(args.log_dir or os.path.join(args.model_dir, "logs"))
   if args.num_processes < 1 or args.devices_per_process < 1:
-    raise LaunchError("--num-processes and --devices-per-process must be at least 1")
+    raise LaunchError("--num-processes and --devices-per-process must be at least 1; "
+                      "raise them")
   if not args.gin_file:
     raise LaunchError("give at least one --gin-file")
   for gin_file in args.gin_file:
     if not os.path.isfile(os.path.join(args.source_dir, gin_file)):
-      raise LaunchError(f"gin file {gin_file!r} not found under {args.source_dir}")
+      raise LaunchError(f"--gin-file {gin_file!r} not found under {args.source_dir}; "
+                        "check the path")
   for binding in args.gin:
     if "=" not in binding:
-      raise LaunchError(f"--gin {binding!r} is not KEY=VALUE")
+      raise LaunchError(f"--gin {binding!r} is not KEY=VALUE; write --gin=KEY=VALUE")
   args.port = args.port or _free_port()
   return args
 
@@ -182,8 +187,7 @@ def main(argv: Sequence[str]) -> int:
   try:
     args = parse_args(argv)
   except LaunchError as e:
-    print(f"local.py: error: {e}", file=sys.stderr)
-    return 2
+    return refuse("local.py", e, wants_debug(argv))
   if args.dry_run:
     print("\n".join(dry_run_lines(args)))
     return 0

@@ -10,11 +10,17 @@ r"""Hugging Face Llama checkpoints in and out of pause_flax.
 gin_configs/runs/import_llama_finetune.gin. `export` writes an HF directory
 that transformers loads (AutoModelForCausalLM / AutoTokenizer), with <pause>
 as a special token when the model was pause-finetuned. Runs on the CPU.
+
+Bad input (a missing flag or directory, an unreadable file) is refused with
+one line naming the flag and the fix, exit status 2; `--debug` shows the
+traceback instead.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from absl import app
 from absl import flags
@@ -31,25 +37,45 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
                   "export: dtype of the written weights.")
 flags.DEFINE_string("out", None, "The directory to write.")
 flags.DEFINE_integer("seed", 0, "import: seed of the padding rows' initialisation.")
+flags.DEFINE_bool("debug", False, "Show the traceback of a refused input.")
 FLAGS = flags.FLAGS
 COMMANDS = ("import", "export")
 
 
+def _refuse(message: str) -> NoReturn:
+  """Prints one `convert: error:` line and exits with status 2."""
+  print(f"convert: error: {' '.join(message.split())}", file=sys.stderr)
+  sys.exit(2)
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) != 2 or argv[1] not in COMMANDS:
-    raise app.UsageError(f"Give one command, {' or '.join(COMMANDS)}; got {argv[1:]}.")
-  jax.config.update("jax_platforms", "cpu")
-  from pause_flax import hf_checkpoint  # pylint: disable=g-import-not-at-top
+    _refuse(f"give one command, {' or '.join(COMMANDS)}; got {argv[1:]}")
   needed = ("hf_dir", "out") if argv[1] == "import" else ("checkpoint", "out")
   missing = [f"--{name}" for name in needed if not FLAGS[name].value]
   if missing:
-    raise app.UsageError(f"{argv[1]} needs {', '.join(missing)}.")
-  if argv[1] == "import":
-    hf_checkpoint.import_checkpoint(FLAGS.hf_dir, FLAGS.out, max_len=FLAGS.max_len,
-                                    seed=FLAGS.seed)
-  else:
-    hf_checkpoint.export_checkpoint(FLAGS.checkpoint, FLAGS.out, imported=FLAGS.imported,
-                                    step=FLAGS.step, dtype=FLAGS.dtype)
+    _refuse(f"{argv[1]} needs {', '.join(missing)}; add {missing[0]}=DIR")
+  jax.config.update("jax_platforms", "cpu")
+  from pause_flax import hf_checkpoint  # pylint: disable=g-import-not-at-top
+  from pause_flax.hf_files import HFFormatError  # pylint: disable=g-import-not-at-top
+  # The input flag that a missing or malformed file came from.
+  source = ("--hf_dir" if argv[1] == "import" else
+            "--checkpoint or --imported" if FLAGS.imported else "--checkpoint")
+  try:
+    if argv[1] == "import":
+      hf_checkpoint.import_checkpoint(FLAGS.hf_dir, FLAGS.out, max_len=FLAGS.max_len,
+                                      seed=FLAGS.seed)
+    else:
+      hf_checkpoint.export_checkpoint(FLAGS.checkpoint, FLAGS.out, imported=FLAGS.imported,
+                                      step=FLAGS.step, dtype=FLAGS.dtype)
+  except (HFFormatError, FileNotFoundError) as e:
+    if FLAGS.debug:
+      raise
+    _refuse(f"{source}: {e}")
+  except FileExistsError as e:
+    if FLAGS.debug:
+      raise
+    _refuse(f"--out: {e}")
 
 
 if __name__ == "__main__":

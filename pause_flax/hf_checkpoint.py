@@ -32,7 +32,6 @@ import dataclasses
 import json
 import os
 import shutil
-import struct
 from typing import Any
 
 from absl import logging
@@ -42,6 +41,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from pause_flax.hf_files import HFFormatError, read_json_object, read_safetensors
 from pause_flax.model import transformer as transformer_lib
 from pause_flax.training import checkpointing
 
@@ -56,58 +56,26 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16,
                  "float16": np.float16}
-_SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-    "BOOL": np.bool_,
-}
 
 
-# -- safetensors ----------------------------------------------------------------
-
-
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """The tensors of one .safetensors file as read-only memory maps.
-
-  Parses the format directly (8-byte header length, JSON header, raw
-  little-endian data) so that bf16 works without torch.
-  """
-  with open(path, "rb") as f:
-    (header_len,) = struct.unpack("<Q", f.read(8))
-    header = json.loads(f.read(header_len))
-  data_start = 8 + header_len
-  size = os.path.getsize(path)
-  tensors = {}
-  for name, entry in header.items():
-    if name == "__metadata__":
-      continue
-    dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
-    if dtype is None:
-      raise ValueError(f"{path}: tensor {name!r} has dtype {entry['dtype']}, which "
-                       f"is not one of {sorted(_SAFETENSORS_DTYPES)}.")
-    begin, end = entry["data_offsets"]
-    shape = tuple(entry["shape"])
-    if end - begin != np.dtype(dtype).itemsize * int(np.prod(shape)) or data_start + end > size:
-      raise ValueError(f"{path}: tensor {name!r} has inconsistent offsets {begin}..{end} "
-                       f"for shape {shape} (truncated file?).")
-    tensors[name] = np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r",
-                              offset=data_start + begin, shape=shape)
-  return tensors
+# -- safetensors (read by pause_flax.hf_files.read_safetensors) ------------------
 
 
 def _weight_files(hf_dir: str) -> list[str]:
   """The safetensors files of a checkpoint directory (the index's, if sharded)."""
   index = os.path.join(hf_dir, "model.safetensors.index.json")
   if os.path.exists(index):
-    with open(index) as f:
-      return [os.path.join(hf_dir, name)
-              for name in sorted(set(json.load(f)["weight_map"].values()))]
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+      raise HFFormatError(f"{index}: has no weight_map object; re-download or re-save the "
+                          "checkpoint")
+    return [os.path.join(hf_dir, name) for name in sorted(set(weight_map.values()))]
   files = sorted(n for n in os.listdir(hf_dir) if n.endswith(".safetensors"))
   if files:
     return [os.path.join(hf_dir, n) for n in files]
   pickled = sorted(n for n in os.listdir(hf_dir) if n.endswith(PICKLE_SUFFIXES))
   if pickled:
-    raise ValueError(
+    raise HFFormatError(
         f"{hf_dir} holds only pickled weights ({', '.join(pickled)}); pause_flax never "
         "unpickles a checkpoint (it can run arbitrary code). Convert them to safetensors "
         "first, e.g. with transformers: AutoModelForCausalLM.from_pretrained(dir)"
@@ -133,9 +101,13 @@ def _rope_theta(hf: dict) -> float:
   for source, spec in (("rope_parameters", params), ("rope_scaling", scaling)):
     kind = spec.get("rope_type", spec.get("type", "default"))
     if kind != "default":
-      raise ValueError(f"config.json {source}={spec} uses rope_type {kind!r}; only the "
-                       "default (unscaled) rotary embedding is implemented.")
+      raise HFFormatError(f"config.json {source}={spec} uses rope_type {kind!r}; only the "
+                          "default (unscaled) rotary embedding is implemented.")
   return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+_REQUIRED_CONFIG_KEYS = ("vocab_size", "num_hidden_layers", "hidden_size",
+                         "num_attention_heads", "intermediate_size")
 
 
 def config_from_hf(hf: dict, max_len: int | None = None) -> transformer_lib.TransformerConfig:
@@ -146,19 +118,23 @@ def config_from_hf(hf: dict, max_len: int | None = None) -> transformer_lib.Tran
   """
   model_type = hf.get("model_type")
   if model_type not in SUPPORTED_MODEL_TYPES:
-    raise ValueError(f"config.json model_type={model_type!r}; supported: "
-                     f"{SUPPORTED_MODEL_TYPES} (Llama architecture).")
+    raise HFFormatError(f"config.json model_type={model_type!r}; supported: "
+                        f"{SUPPORTED_MODEL_TYPES} (Llama architecture).")
   for key in ("attention_bias", "mlp_bias"):
     if hf.get(key):
-      raise ValueError(f"config.json {key}=true: biases are not implemented.")
+      raise HFFormatError(f"config.json {key}=true: biases are not implemented.")
   if hf.get("hidden_act", "silu") not in ("silu", "swish"):
-    raise ValueError(f"config.json hidden_act={hf['hidden_act']!r}; only silu is supported.")
+    raise HFFormatError(f"config.json hidden_act={hf['hidden_act']!r}; only silu is supported.")
   if hf.get("sliding_window") is not None:
-    raise ValueError(f"config.json sliding_window={hf['sliding_window']}: sliding-window "
-                     "attention is not implemented.")
+    raise HFFormatError(f"config.json sliding_window={hf['sliding_window']}: sliding-window "
+                        "attention is not implemented.")
   if hf.get("partial_rotary_factor", 1.0) != 1.0:
-    raise ValueError(f"config.json partial_rotary_factor={hf['partial_rotary_factor']}: "
-                     "only full rotary embeddings are implemented.")
+    raise HFFormatError(f"config.json partial_rotary_factor={hf['partial_rotary_factor']}: "
+                        "only full rotary embeddings are implemented.")
+  missing = [key for key in _REQUIRED_CONFIG_KEYS if not isinstance(hf.get(key), int)]
+  if missing:
+    raise HFFormatError(f"config.json has no integer {', '.join(missing)}: not a "
+                        "complete Llama-architecture config.")
   positions = int(hf.get("max_position_embeddings", 2048))
   if max_len is not None and max_len < 1:
     raise ValueError(f"max_len={max_len} must be >= 1.")
@@ -182,6 +158,15 @@ def config_from_hf(hf: dict, max_len: int | None = None) -> transformer_lib.Tran
 # -- parameters -------------------------------------------------------------------
 
 # (ours under blocks/, HF name under model.layers.<i>., HF [out, in] -> ours)
+#
+# The MLP's names cross over: ours computes act(x wi) * (x wg) wo, HF Llama's
+# down_proj(act(gate_proj(x)) * up_proj(x)). HF's gate_proj (under the
+# activation) is our wi; HF's up_proj (the plain factor) is our wg, although
+# "g" reads like "gate":
+#   ours             HF
+#   mlp/wi_DxF   <-  mlp.gate_proj.weight   (goes through act)
+#   mlp/wg_DxF   <-  mlp.up_proj.weight     (multiplies act(...))
+#   mlp/wo_FxD   <-  mlp.down_proj.weight
 _LAYER_WEIGHTS = (
     (("attn", "q_DxNxH"), "self_attn.q_proj.weight", "heads_out"),
     (("attn", "k_DxKxH"), "self_attn.k_proj.weight", "heads_out"),
@@ -224,14 +209,14 @@ def params_from_hf(weights: dict[str, np.ndarray], config: transformer_lib.Trans
 
   def get(name: str) -> np.ndarray:
     if name not in weights:
-      raise ValueError(f"The checkpoint has no tensor {name!r} (it has e.g. "
-                       f"{sorted(weights)[:5]}).")
+      raise HFFormatError(f"The checkpoint has no tensor {name!r} (it has e.g. "
+                          f"{sorted(weights)[:5]}).")
     return weights[name]
 
   def padded(matrix_VxD: np.ndarray) -> np.ndarray:
     if matrix_VxD.shape[0] != c.vocab_size:
-      raise ValueError(f"Vocabulary tensor of shape {matrix_VxD.shape}; config.json "
-                       f"vocab_size={c.vocab_size}.")
+      raise HFFormatError(f"Vocabulary tensor of shape {matrix_VxD.shape}; config.json "
+                          f"vocab_size={c.vocab_size}.")
     rng = np.random.default_rng(seed)
     extra = rng.normal(0.0, 0.02, (c.padded_vocab_size - c.vocab_size, c.d_model))
     return np.concatenate([np.asarray(matrix_VxD, np.float32), extra.astype(np.float32)])
@@ -275,8 +260,7 @@ def hf_from_params(params: dict[str, Any], config: transformer_lib.TransformerCo
 
 
 def _read_json(path: str) -> dict:
-  with open(path) as f:
-    return json.load(f)
+  return read_json_object(path)
 
 
 def _write_json(path: str, value: Any) -> None:
@@ -313,8 +297,12 @@ def import_checkpoint(hf_dir: str, out: str, *, max_len: int | None = None,
   """Converts a local HF Llama checkpoint into `out` (see the module docstring)."""
   hf_dir, out = os.path.abspath(hf_dir), os.path.abspath(out)
   config_path = os.path.join(hf_dir, "config.json")
+  if not os.path.isdir(hf_dir):
+    raise FileNotFoundError(f"{hf_dir} is not a directory; give a local Hugging Face "
+                            "checkpoint directory.")
   if not os.path.exists(config_path):
-    raise FileNotFoundError(f"{hf_dir} has no config.json.")
+    raise FileNotFoundError(f"{hf_dir} has no config.json; give a Hugging Face checkpoint "
+                            "directory (config.json, *.safetensors).")
   if os.path.exists(os.path.join(out, "checkpoints")):
     raise FileExistsError(f"{out} already holds checkpoints; choose an empty directory.")
   hf_config = _read_json(config_path)
@@ -407,7 +395,12 @@ def _export_tokenizer(files_dir: str, out: str, base_vocab: int, pause: bool) ->
   `<pause_flax_unused_i>` special tokens so that <pause> lands on its row.
   """
   import tokenizers  # pylint: disable=g-import-not-at-top
-  tokenizer = tokenizers.Tokenizer.from_file(os.path.join(files_dir, "tokenizer.json"))
+  tokenizer_path = os.path.join(files_dir, "tokenizer.json")
+  try:
+    tokenizer = tokenizers.Tokenizer.from_file(tokenizer_path)
+  except Exception as e:  # tokenizers raises a bare Exception naming no file.
+    raise HFFormatError(f"{tokenizer_path}: not a tokenizer.json that the tokenizers "
+                        f"package reads ({e}); re-import the checkpoint") from e
   size = tokenizer.get_vocab_size(with_added_tokens=True)
   if size > base_vocab:
     raise ValueError(f"The tokenizer has {size} ids, more than the model's {base_vocab}.")

@@ -26,6 +26,8 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from pause_flax.hf_files import HFFormatError, parse_json_object
+
 TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
@@ -81,12 +83,16 @@ class HfTokenizerVocabulary(seqio.Vocabulary):
       raise FileNotFoundError(f"tokenizer.json {self._path!r} does not exist.")
     with tf.io.gfile.GFile(self._path, "rb") as f:
       content = f.read()
-    tokenizer = tokenizers.Tokenizer.from_str(content.decode("utf-8"))
+    try:
+      tokenizer = tokenizers.Tokenizer.from_str(content.decode("utf-8"))
+    except Exception as e:  # tokenizers raises a bare Exception naming no file.
+      raise HFFormatError(f"{self._path}: not a tokenizer.json that the tokenizers "
+                          f"package reads ({e}); fix or re-download it") from e
     config_path = os.path.join(os.path.dirname(self._path), TOKENIZER_CONFIG)
     config = {}
     if tf.io.gfile.exists(config_path):
-      with tf.io.gfile.GFile(config_path, "r") as f:
-        config = json.load(f)
+      with tf.io.gfile.GFile(config_path, "rb") as f:
+        config = parse_json_object(f.read(), config_path)
     model_unk = json.loads(tokenizer.model.__getstate__()).get("unk_token")
     size = tokenizer.get_vocab_size(with_added_tokens=True)
     if self._requested_size is not None and self._requested_size < size:

@@ -7,6 +7,7 @@ fake `gcloud` and fake interpreters; nothing imports jax or needs a cloud.
 import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import tarfile
@@ -83,7 +84,7 @@ def _train_argv(run_line):
 def test_dry_run_logs_one_fetch_per_worker(accelerator_type, workers, tmp_path):
   logs_dir = str(tmp_path / "logs")
   result = _tpu_pod(
-      "logs", "--name=t", "--zone=z", f"--accelerator-type={accelerator_type}",
+      "logs", "--name=t", "--zone=us-central2-b", f"--accelerator-type={accelerator_type}",
       f"--logs-dir={logs_dir}", "--dry-run",
   )
   assert result.returncode == 0, result.stderr
@@ -105,8 +106,9 @@ def test_up_dry_run_v4_32(checkout):
   assert _flag(create, "version") == "tpu-ubuntu2204-base"
   assert "--spot" not in create
 
-  assert lines[1][0] == "tar"
-  scp = lines[2]
+  ship = lines[1]
+  assert "tar" in ship and ship[ship.index("tar") + 1] == "-czf"
+  scp = ship[ship.index("gcloud"):]
   assert scp[3:5] == ["tpu-vm", "scp"] and _flag(scp, "worker") == "all"
   install, run = _ssh_lines(lines)
   assert _flag(install, "worker") == "all"
@@ -118,7 +120,7 @@ def test_up_dry_run_v4_32(checkout):
   assert train[1:3] == ["-m", "pause_flax.train"]
   assert f"--gin_file={GIN_FILE}" in train
   assert f'--gin.MODEL_DIR="{MODEL_DIR}"' in train
-  assert len(lines) == 5
+  assert len(lines) == 4
 
 
 def test_up_dry_run_v5litepod_16_queued_spot(checkout):
@@ -152,18 +154,8 @@ def test_up_dry_run_v5litepod_16_queued_spot(checkout):
   assert "TFDS_DATA_DIR=gs://bucket/tfds" in shlex.split(_flag(run, "command"))
 
 
-def test_install_ships_source_tarball(checkout):
-  lines = _up_dry_run(checkout, "v4-32", "us-central2-b")
-  tar = lines[1]
-  subprocess.run(tar, check=True)
-  with tarfile.open(tar[2]) as archive:
-    names = set(archive.getnames())
-  os.remove(tar[2])
-  assert {"setup.py", "README.md", "pause_flax/__init__.py", GIN_FILE} <= names
-  assert not any("__pycache__" in name for name in names)
-  # The scp'd tarball is what the install command unpacks and pip-installs.
-  assert lines[2][5] == tar[2]
-  install = _flag(_ssh_lines(lines)[0], "command")
+def test_install_dry_run_unpacks_and_installs_the_copied_tarball(checkout):
+  install = _flag(_ssh_lines(_up_dry_run(checkout, "v4-32", "us-central2-b"))[0], "command")
   assert "tar -xzf ~/pause_flax_src.tar.gz -C ~/pause_flax" in install
   assert install.endswith("--reinstall-package pause-flax 'jax[tpu]' ~/pause_flax")
 
@@ -171,29 +163,38 @@ def test_install_ships_source_tarball(checkout):
 def test_install_with_package_ships_only_gin_files(checkout):
   spec = "git+https://github.com/example/pause_flax@v0.1.0"
   lines = _up_dry_run(checkout, "v4-32", "us-central2-b", f"--package={spec}")
-  assert lines[1][-1] == "gin_configs"
+  ship = lines[1]
+  assert ship[ship.index("gcloud") - 1] == "gin_configs;"
   assert _flag(_ssh_lines(lines)[0], "command").endswith(f"'jax[tpu]' {spec}")
 
 
 def test_delete_dry_run():
-  tpu_vm = _tpu_pod("delete", "--name=t", "--zone=z", "--dry-run")
-  expected = "gcloud compute tpus tpu-vm delete t --zone=z --quiet"
+  tpu_vm = _tpu_pod("delete", "--name=t", "--zone=us-central2-b", "--dry-run")
+  expected = "gcloud compute tpus tpu-vm delete t --zone=us-central2-b --quiet"
   assert tpu_vm.stdout.split() == expected.split()
-  queued = _tpu_pod("delete", "--name=t", "--zone=z", "--queued", "--dry-run")
+  queued = _tpu_pod("delete", "--name=t", "--zone=us-central2-b", "--queued", "--dry-run")
   assert queued.stdout.split()[3:6] == ["queued-resources", "delete", "t"]
   assert "--force" in queued.stdout
 
 
 @pytest.fixture
 def fake_pod(tmp_path):
-  """A `gcloud` on PATH that runs ssh --command locally, with HOME set to a fake worker's."""
+  """A `gcloud` on PATH that runs ssh --command locally, with HOME set to a fake worker's.
+
+  scp copies into that HOME and records its source's directory and mode there.
+  With FAKE_GCLOUD_EXIT0 set, gcloud exits 0 whatever the command did.
+  """
   home = tmp_path / "worker_home"
   bin_dir = tmp_path / "bin"
   _write(
       str(bin_dir / "gcloud"),
       '#!/usr/bin/env bash\n'
+      'if [ "$4" = scp ]; then dir=$(dirname "$5")\n'
+      '  echo "$dir $(stat -c %a "$dir")" > "$FAKE_HOME/scp_source_dir"\n'
+      '  exec cp "$5" "$FAKE_HOME/${6#*:}"; fi\n'
       'for a in "$@"; do case "$a" in --command=*) cmd="${a#--command=}";; esac; done\n'
-      'if [ -n "${cmd:-}" ]; then HOME="$FAKE_HOME" exec bash -c "$cmd"; fi\n',
+      'if [ -n "${cmd:-}" ]; then HOME="$FAKE_HOME" bash -c "$cmd"; rc=$?\n'
+      '  [ -n "${FAKE_GCLOUD_EXIT0:-}" ] && exit 0; exit $rc; fi\n',
       0o755,
   )
   _write(
@@ -201,7 +202,9 @@ def fake_pod(tmp_path):
       f"#!{sys.executable}\n"
       "import json, os, sys, time\n"
       "record = {'argv': sys.argv[1:], 'cwd': os.getcwd(),\n"
-      "          'tfds': os.environ.get('TFDS_DATA_DIR')}\n"
+      "          'tfds': os.environ.get('TFDS_DATA_DIR'),\n"
+      "          'libtpu': os.environ.get('LIBTPU_INIT_ARGS'),\n"
+      "          'odd': os.environ.get('ODD')}\n"
       "print('training', flush=True)\n"
       "json.dump(record, open(os.path.expanduser('~/record.json'), 'w'))\n"
       "time.sleep(60)\n",
@@ -223,9 +226,10 @@ def test_run_and_stop_through_a_shell(checkout, fake_pod):
   """The run command survives both levels of shell quoting and runs detached."""
   home, env = fake_pod
   args = [
-      "--name=t", "--zone=z", f"--source-dir={checkout}", f"--gin-file={GIN_FILE}",
+      "--name=t", "--zone=us-central2-b", f"--source-dir={checkout}", f"--gin-file={GIN_FILE}",
       f"--model-dir={MODEL_DIR}", "--tfds-data-dir=gs://bucket/tfds",
-      "--gin=MIXTURE_OR_TASK_NAME='c4_pause pretrain'",
+      "--gin=MIXTURE_OR_TASK_NAME='c4_pause pretrain'", "--check-seconds=1",
+      "--env=LIBTPU_INIT_ARGS=--a=1 --b=2", "--env=ODD=it's \"$HOME\" $(false); x",
   ]
   result = _tpu_pod("run", *args, "--", "--gin.X=[1, 2]", env=env)
   assert result.returncode == 0, result.stderr
@@ -239,21 +243,83 @@ def test_run_and_stop_through_a_shell(checkout, fake_pod):
   ]
   assert record["cwd"] == str(home / "pause_flax")
   assert record["tfds"] == "gs://bucket/tfds"
+  # --env values reach the process as typed, through ssh's remote shell.
+  assert record["libtpu"] == "--a=1 --b=2"
+  assert record["odd"] == 'it\'s "$HOME" $(false); x'
   logs = os.listdir(home / "pause_flax_logs")
   assert "train.pid" in logs and any(name.startswith("worker-") for name in logs)
 
   again = _tpu_pod("run", *args, env=env)
   assert again.returncode != 0 and "already running" in again.stderr
 
-  stop = _tpu_pod("stop", "--name=t", "--zone=z", env=env)
+  stop = _tpu_pod("stop", "--name=t", "--zone=us-central2-b", env=env)
   assert stop.returncode == 0, stop.stderr
+  assert not os.path.exists(home / "pause_flax_logs" / "train.pid")
+
+
+def _fake_python3(fake_pod, exit_status):
+  """A `python3` for the install step's remote side that logs its arguments."""
+  home, env = fake_pod
+  bin_dir = env["PATH"].split(":")[0]
+  _write(os.path.join(bin_dir, "python3"),
+         f'#!/usr/bin/env bash\necho "$*" >> "$HOME/python3_calls"\nexit {exit_status}\n', 0o755)
+  tmp = home.parent / "local_tmp"
+  os.makedirs(tmp)
+  return {**env, "TMPDIR": str(tmp)}, tmp
+
+
+def test_install_ships_a_private_tarball_and_removes_it(checkout, fake_pod):
+  home, _ = fake_pod
+  env, tmp = _fake_python3(fake_pod, 0)
+  result = _tpu_pod("install", "--name=t", "--zone=us-central2-b", f"--source-dir={checkout}",
+                    env=env)
+  assert result.returncode == 0, result.stderr
+  with open(home / "scp_source_dir", encoding="utf-8") as f:
+    source_dir, mode = f.read().split()
+  assert os.path.dirname(source_dir) == str(tmp) and mode == "700"
+  assert os.listdir(tmp) == []  # The private directory is gone.
+  with tarfile.open(home / "pause_flax_src.tar.gz") as archive:
+    names = set(archive.getnames())
+  assert {"setup.py", "README.md", "pause_flax/__init__.py", GIN_FILE} <= names
+  assert not any("__pycache__" in name for name in names)
+  assert os.path.isfile(home / "pause_flax" / GIN_FILE)  # Unpacked on the worker.
+  with open(home / "python3_calls", encoding="utf-8") as f:
+    assert "--reinstall-package pause-flax jax[tpu]" in f.read()
+
+
+@pytest.mark.parametrize("gcloud_exit0", [False, True])
+def test_a_failing_worker_fails_the_launch(checkout, fake_pod, gcloud_exit0):
+  """Also when gcloud itself exits 0: the worker's failure line is enough."""
+  env, tmp = _fake_python3(fake_pod, 7)
+  if gcloud_exit0:
+    env["FAKE_GCLOUD_EXIT0"] = "1"
+  result = _tpu_pod("install", "--name=t", "--zone=us-central2-b", f"--source-dir={checkout}",
+                    env=env)
+  assert result.returncode == (1 if gcloud_exit0 else 7)
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("tpu_pod.py: error: install step 2 of 2 failed")
+  assert f"install failed on worker {socket.gethostname()} with exit status 7" in last
+  assert os.listdir(tmp) == []
+
+
+def test_run_fails_when_training_dies_at_start(checkout, fake_pod):
+  home, env = fake_pod
+  _write(str(home / "pause_flax_venv" / "bin" / "python"),
+         "#!/usr/bin/env bash\necho 'bad gin binding' >&2\nexit 3\n", 0o755)
+  result = _tpu_pod(
+      "run", "--name=t", "--zone=us-central2-b", f"--source-dir={checkout}",
+      f"--gin-file={GIN_FILE}", f"--model-dir={MODEL_DIR}", "--check-seconds=1", env=env,
+  )
+  assert result.returncode == 3
+  assert "bad gin binding" in result.stderr  # The end of the worker's log.
+  assert "run failed on worker" in result.stderr.strip().splitlines()[-1]
   assert not os.path.exists(home / "pause_flax_logs" / "train.pid")
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--accelerator-type=v7-8"], "unknown accelerator type"),
+        (["--accelerator-type=v7-8"], "--accelerator-type 'v7-8': unknown accelerator type"),
         (["--accelerator-type=v4-30"], "multiples of 8"),
         (["--accelerator-type=v5litepod-12"], "v5litepod slices have"),
         (["--model-dir=/local/run"], "not on GCS"),
@@ -264,29 +330,41 @@ def test_run_and_stop_through_a_shell(checkout, fake_pod):
         (["--gin-file=setup.py"], "under gin_configs/"),
         (["--name=Bad_Name"], "--name"),
         (["--gin=NO_VALUE"], "KEY=VALUE"),
-        (["--env=1X=2"], "NAME=VALUE"),
+        (["--env=1X=2"], "--env '1X=2' is not NAME=VALUE"),
+        (["--env=NO_VALUE"], "--env 'NO_VALUE' is not NAME=VALUE"),
+        (["--env=A B=1"], "--env 'A B=1' is not NAME=VALUE"),
+        (["--zone=us-central2"], "--zone 'us-central2' is not a zone"),
+        (["--check-seconds=-1"], "--check-seconds -1 is negative"),
+        (["--check-seconds=soon"], "--check-seconds: invalid int value"),
     ],
 )
 def test_bad_inputs_fail_clearly(checkout, args, message):
   base = {
-      "--name": "t", "--zone": "z", "--accelerator-type": "v4-32",
+      "--name": "t", "--zone": "us-central2-b", "--accelerator-type": "v4-32",
       "--source-dir": checkout, "--gin-file": GIN_FILE, "--model-dir": MODEL_DIR,
   }
   for arg in args:
     base[arg.split("=", 1)[0]] = arg.split("=", 1)[1]
   result = _tpu_pod("up", *[f"{k}={v}" for k, v in base.items()], "--dry-run")
   assert result.returncode == 2
+  assert len(result.stderr.splitlines()) == 1, result.stderr
   assert message in result.stderr
   assert "Traceback" not in result.stderr
   assert result.stdout == ""
 
 
+def test_debug_shows_the_traceback_of_a_refusal():
+  result = _tpu_pod("delete", "--name=t", "--zone=nowhere", "--dry-run", "--debug")
+  assert result.returncode != 0
+  assert "Traceback" in result.stderr and "LaunchError: --zone 'nowhere'" in result.stderr
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["create", "--name=t", "--zone=z"], "create needs --accelerator-type"),
-        (["logs", "--name=t", "--zone=z"], "logs needs --accelerator-type"),
-        (["run", "--name=t", "--zone=z", f"--model-dir={MODEL_DIR}"],
+        (["create", "--name=t", "--zone=us-central2-b"], "create needs --accelerator-type"),
+        (["logs", "--name=t", "--zone=us-central2-b"], "logs needs --accelerator-type"),
+        (["run", "--name=t", "--zone=us-central2-b", f"--model-dir={MODEL_DIR}"],
          "at least one --gin-file"),
     ],
 )
@@ -296,7 +374,8 @@ def test_missing_flags_fail_clearly(args, message):
 
 
 def test_install_needs_a_checkout(tmp_path):
-  result = _tpu_pod("install", "--name=t", "--zone=z", f"--source-dir={tmp_path}", "--dry-run")
+  result = _tpu_pod("install", "--name=t", "--zone=us-central2-b", f"--source-dir={tmp_path}",
+                    "--dry-run")
   assert result.returncode == 2 and "pause_flax checkout" in result.stderr
 
 
@@ -343,12 +422,18 @@ def test_local_dry_run_prints_one_command_per_process(checkout, tmp_path):
     assert argv[-4:] == [">", str(tmp_path / "run" / "logs" / f"process-{i}.log"), "2>&1", "&"]
 
 
-def test_local_rejects_missing_gin_file(checkout, tmp_path):
-  result = _local(
-      f"--source-dir={checkout}", "--gin-file=gin_configs/nope.gin",
-      f"--model-dir={tmp_path}", "--dry-run",
-  )
-  assert result.returncode == 2 and "not found" in result.stderr
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--gin-file=gin_configs/nope.gin"], "--gin-file 'gin_configs/nope.gin' not found"),
+        (["--gin-file=" + GIN_FILE, "--num-processes=0"], "--num-processes"),
+        (["--gin-file=" + GIN_FILE, "--num-processes=two"], "--num-processes: invalid int"),
+    ],
+)
+def test_local_refuses_bad_flags_in_one_line(checkout, tmp_path, args, message):
+  result = _local(f"--source-dir={checkout}", f"--model-dir={tmp_path}", "--dry-run", *args)
+  assert result.returncode == 2
+  assert len(result.stderr.splitlines()) == 1 and message in result.stderr
 
 
 def test_local_keeps_a_gcs_model_dir(checkout, tmp_path):
