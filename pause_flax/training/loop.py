@@ -31,6 +31,7 @@ def _validate_run(model_dir: str | None, batch_size: int, train_steps: int,
   """Checks that fail before any compile or data read, each naming the fix."""
   if not model_dir:
     raise ValueError("MODEL_DIR is not set: pass --gin.MODEL_DIR=\"'/path/to/run'\".")
+  _check_model_dir(model_dir)
   if not isinstance(train_steps, int) or train_steps < 1:
     raise ValueError(f"TRAIN_STEPS={train_steps!r} must be a positive integer.")
   if not isinstance(batch_size, int) or batch_size < 1:
@@ -134,8 +135,6 @@ def train(*, model_dir: str,
 
   ds = pipeline.get_dataset(task_name, task_feature_lengths, batch_size, seed=data_seed,
                             shuffle=True, pack=pack, data_shards=data_shards)
-  ckpt = checkpointing.Checkpointer(os.path.join(model_dir, "checkpoints"),
-                                    checkpoint_options)
   flops_per_step = trainer.flops_per_step(batch_size, seq_len)
   peak = metrics_lib.peak_flops_per_device(peak_flops) * jax.device_count()
   logging.info("Task %s, feature lengths %s, batch %d, mesh %s, %s parameters.",
@@ -148,9 +147,13 @@ def train(*, model_dir: str,
                                  data_seed, data_shards)}
   config_text = config_str() if config_str is not None else None
 
+  # The lock comes first: opening the checkpoint manager cleans up unfinished
+  # writes, which must never touch another live run's save.
   lock = _lock(model_dir)
-  logger = None
+  ckpt = logger = None
   try:
+    ckpt = checkpointing.Checkpointer(os.path.join(model_dir, "checkpoints"),
+                                      checkpoint_options)
     accepted = _check_resume(ckpt, model_dir, config_text, meta["data"], train_steps,
                              allow_changes)
     state, data_iter = _initial_state(
@@ -175,11 +178,14 @@ def train(*, model_dir: str,
                        skip_nonfinite_updates=skip_nonfinite_updates,
                        extra_metrics_hook=extra_metrics_hook, eval_hook=eval_hook)
   finally:
-    ckpt.close()
-    if logger is not None:
-      logger.close()
-    if lock is not None:
-      lock.release()
+    try:
+      if ckpt is not None:
+        ckpt.close()
+    finally:
+      if logger is not None:
+        logger.close()
+      if lock is not None:
+        lock.release()
 
 
 def _train_loop(trainer, ckpt, data_iter, state, logger, meta, *, batch_size, seq_len,
@@ -336,7 +342,6 @@ def _check_model_dir(model_dir: str) -> None:
 
 def _lock(model_dir: str) -> run_dir.RunLock | None:
   """Process 0 locks MODEL_DIR; every process stops if it could not."""
-  _check_model_dir(model_dir)
   lock, error = None, None
   if jax.process_index() == 0:
     if "://" in model_dir:
