@@ -45,7 +45,7 @@ import seqio
 import tensorflow as tf
 
 from pause_flax.data import tasks
-from pause_flax.evaluation import metrics
+from pause_flax.data import metrics
 
 # M_ft per task. Goyal et al. (2024) report the best M_ft for GSM8k (10) and
 # SQuAD (50); the others are this framework's default, 10 (the paper chose
