@@ -42,11 +42,13 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+# The import's vocabulary is read where data can read it too (hf_vocab); its names stay here.
+from pause_flax.hf_vocab import (IMPORT_INFO, imported_vocabulary,  # noqa: F401
+                                 read_import_info)
 from pause_flax.model import transformer as transformer_lib
 from pause_flax.training import checkpointing
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
-IMPORT_INFO = "hf_import.json"
 HF_FILES_DIR = "hf"
 # Copied at import, rewritten at export. Only tokenizer.json is required for
 # the tokenizer; the others are carried along when present.
@@ -285,15 +287,6 @@ def _write_json(path: str, value: Any) -> None:
     f.write("\n")
 
 
-def read_import_info(path: str) -> dict:
-  """The hf_import.json of a directory written by `import_checkpoint`."""
-  info_path = os.path.join(path, IMPORT_INFO)
-  if not os.path.exists(info_path):
-    raise FileNotFoundError(f"{path} has no {IMPORT_INFO}: give the output directory of "
-                            "`python -m pause_flax.convert import`.")
-  return _read_json(info_path)
-
-
 _MODEL_GIN = """\
 # Written by `python -m pause_flax.convert import`: the model imported from
 # {source}.
@@ -356,17 +349,6 @@ def imported_model_config(path: str, **overrides) -> transformer_lib.Transformer
   """The TransformerConfig of an imported model, with overrides (e.g. dtype, max_len)."""
   info = read_import_info(path)
   return transformer_lib.TransformerConfig(**{**info["model_config"], **overrides})
-
-
-def imported_vocabulary(path: str):
-  """HfTokenizerVocabulary of an imported model (wrap it in PauseVocabulary for pauses)."""
-  from pause_flax.hf_vocab import HfTokenizerVocabulary  # pylint: disable=g-import-not-at-top
-  info = read_import_info(path)
-  if info["tokenizer"] is None:
-    raise FileNotFoundError(f"{info['source']} had no tokenizer.json when {path} was "
-                            "imported; build a vocabulary from your own tokenizer file.")
-  return HfTokenizerVocabulary(os.path.join(path, info["tokenizer"]),
-                               vocab_size=info["vocab_size"])
 
 
 # -- export -------------------------------------------------------------------------

@@ -198,3 +198,28 @@ class HfTokenizerVocabulary(seqio.Vocabulary):
     return f"HfTokenizerVocabulary({self._path!r})"
 
   __repr__ = __str__
+
+
+# -- an imported model's vocabulary -------------------------------------------------
+
+IMPORT_INFO = "hf_import.json"  # written by hf_checkpoint.import_checkpoint
+
+
+def read_import_info(path: str) -> dict:
+  """The hf_import.json of a directory written by `hf_checkpoint.import_checkpoint`."""
+  info_path = os.path.join(path, IMPORT_INFO)
+  if not os.path.exists(info_path):
+    raise FileNotFoundError(f"{path} has no {IMPORT_INFO}: give the output directory of "
+                            "`python -m pause_flax.convert import`.")
+  with open(info_path) as f:
+    return json.load(f)
+
+
+def imported_vocabulary(path: str) -> HfTokenizerVocabulary:
+  """HfTokenizerVocabulary of an imported model (wrap it in PauseVocabulary for pauses)."""
+  info = read_import_info(path)
+  if info["tokenizer"] is None:
+    raise FileNotFoundError(f"{info['source']} had no tokenizer.json when {path} was "
+                            "imported; build a vocabulary from your own tokenizer file.")
+  return HfTokenizerVocabulary(os.path.join(path, info["tokenizer"]),
+                               vocab_size=info["vocab_size"])

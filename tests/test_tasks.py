@@ -201,7 +201,7 @@ def test_pause_variant_errors(user_task):
     tasks.pause_variant(lm, fraction=1.5)
   with pytest.raises(ValueError, match=r"num_pauses=-1 is invalid"):
     tasks.pause_variant(lm, num_pauses=-1)
-  with pytest.raises(ValueError, match=r"fraction \(0.1\) or num_pauses \(3\)"):
+  with pytest.raises(ValueError, match=r"PAUSE_FRACTION \(0.1.*NUM_PAUSES \(3.*not both"):
     tasks.pause_variant(lm, fraction=0.1, num_pauses=3)
   with pytest.raises(ValueError, match=r"'user_lm' has no 'inputs' feature"):
     tasks.pause_variant(lm, form="finetune")

@@ -81,15 +81,13 @@ def standard_task(name: str) -> tuple[str, int, int | None]:
   Task it was made from; any other name is its own standard form, M_ft 0.
   """
   pipeline.check_task_name(name)
-  provider = seqio.get_mixture_or_task(name)
-  spec = getattr(provider, tasks_lib._SPEC_ATTR, None)  # pylint: disable=protected-access
+  spec = tasks_lib.variant_spec(name)
   if spec is None:
     return name, 0, None
-  base, _, form, _, num_pauses, pause_token = spec
-  if form != "finetune":
-    raise ValueError(f"{name!r} is a pretraining (injected-pause) variant of {base!r}; "
+  if spec.form != "finetune":
+    raise ValueError(f"{name!r} is a pretraining (injected-pause) variant of {spec.base!r}; "
                      "evaluate a Task with 'inputs' and 'targets'.")
-  return base, num_pauses, pause_token
+  return spec.base, spec.num_pauses, spec.pause_token
 
 
 def _feature_lengths(task: str, lengths: Mapping[str, int] | None) -> dict[str, int]:
