@@ -358,30 +358,6 @@ _ARCHITECTURE_FIELDS = ("num_layers", "d_model", "num_heads", "resolved_kv_heads
                         "tie_embeddings", "rope_theta", "norm_eps")
 
 
-def _restore(checkpoint: str, step: int | None
-             ) -> tuple[int, transformer_lib.TransformerConfig, dict[str, Any]]:
-  """(step, config, params) of a pause_flax checkpoint, on one CPU device."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  directory, resolved = checkpointing._resolve(checkpoint)  # pylint: disable=protected-access
-  ckpt = checkpointing.Checkpointer(directory, checkpointing.CheckpointOptions(
-      async_save=False))
-  try:
-    steps = ckpt.steps()
-    if not steps:
-      raise FileNotFoundError(f"checkpoint={checkpoint!r}: no checkpoint in {directory}.")
-    step = step if step is not None else resolved if resolved is not None else steps[-1]
-    config = transformer_lib.TransformerConfig(**ckpt.read_meta(step)["model_config"])
-    abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(
-        lambda: transformer_lib.Transformer(config, rngs=nnx.Rngs(0)))))
-    device = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    abstract = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
-    params = ckpt.restore_params(step, abstract)
-  finally:
-    ckpt.close()
-  return step, config, jax.tree.map(np.asarray, params)
-
-
 def _export_tokenizer(files_dir: str, out: str, base_vocab: int, pause: bool) -> None:
   """Copies the tokenizer files; with `pause`, adds <pause> at id `base_vocab`.
 
@@ -449,7 +425,9 @@ def export_checkpoint(checkpoint: str, out: str, *, imported: str | None = None,
     raise ValueError(f"dtype={dtype!r}; choose from {sorted(EXPORT_DTYPES)}.")
   imported = checkpoint if imported is None else imported
   info = read_import_info(imported)
-  step, config, params = _restore(checkpoint, step)
+  saved = checkpointing.restore_model_params(checkpoint, step=step)  # on one CPU device
+  step, config = saved.step, saved.config
+  params = jax.tree.map(np.asarray, saved.params)
   expected = config_from_hf(info["hf_config"])
   for field in _ARCHITECTURE_FIELDS:
     if getattr(config, field) != getattr(expected, field):
