@@ -248,7 +248,7 @@ class Checkpointer:
 def resolve_checkpoint(path: str) -> tuple[str, int | None]:
   """(checkpoints directory, step) of a MODEL_DIR, its checkpoints/ folder or `<dir>/<step>`.
 
-  The step is None unless the path names one (then: the newest).
+  The step is the one the path names, or None (read: the newest).
   """
   p = epath.Path(path)
   if p.name.isdigit() and (p / PARAMS).exists():
