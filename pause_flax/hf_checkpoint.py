@@ -41,12 +41,12 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from pause_flax.hf_files import HFFormatError, read_json_object, read_safetensors
+from pause_flax.hf_files import (IMPORT_INFO, HFFormatError, read_import_info,  # noqa: F401
+                                 read_json_object, read_safetensors)
 from pause_flax.model import transformer as transformer_lib
 from pause_flax.training import checkpointing
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
-IMPORT_INFO = "hf_import.json"
 HF_FILES_DIR = "hf"
 # Copied at import, rewritten at export. Only tokenizer.json is required for
 # the tokenizer; the others are carried along when present.
@@ -269,15 +269,6 @@ def _write_json(path: str, value: Any) -> None:
     f.write("\n")
 
 
-def read_import_info(path: str) -> dict:
-  """The hf_import.json of a directory written by `import_checkpoint`."""
-  info_path = os.path.join(path, IMPORT_INFO)
-  if not os.path.exists(info_path):
-    raise FileNotFoundError(f"{path} has no {IMPORT_INFO}: give the output directory of "
-                            "`python -m pause_flax.convert import`.")
-  return _read_json(info_path)
-
-
 _MODEL_GIN = """\
 # Written by `python -m pause_flax.convert import`: the model imported from
 # {source}.
@@ -340,21 +331,16 @@ def import_checkpoint(hf_dir: str, out: str, *, max_len: int | None = None,
 
 
 @gin.configurable
+def imported_vocabulary(path: str):
+  """The imported model's vocabulary (`hf_vocab.imported_vocabulary`, kept here by name)."""
+  from pause_flax import hf_vocab  # pylint: disable=g-import-not-at-top
+  return hf_vocab.imported_vocabulary(path)
+
+
 def imported_model_config(path: str, **overrides) -> transformer_lib.TransformerConfig:
   """The TransformerConfig of an imported model, with overrides (e.g. dtype, max_len)."""
   info = read_import_info(path)
   return transformer_lib.TransformerConfig(**{**info["model_config"], **overrides})
-
-
-def imported_vocabulary(path: str):
-  """HfTokenizerVocabulary of an imported model (wrap it in PauseVocabulary for pauses)."""
-  from pause_flax.hf_vocab import HfTokenizerVocabulary  # pylint: disable=g-import-not-at-top
-  info = read_import_info(path)
-  if info["tokenizer"] is None:
-    raise FileNotFoundError(f"{info['source']} had no tokenizer.json when {path} was "
-                            "imported; build a vocabulary from your own tokenizer file.")
-  return HfTokenizerVocabulary(os.path.join(path, info["tokenizer"]),
-                               vocab_size=info["vocab_size"])
 
 
 # -- export -------------------------------------------------------------------------
@@ -362,30 +348,6 @@ def imported_vocabulary(path: str):
 _ARCHITECTURE_FIELDS = ("num_layers", "d_model", "num_heads", "resolved_kv_heads",
                         "resolved_head_dim", "mlp_dim", "gated_mlp", "mlp_activation",
                         "tie_embeddings", "rope_theta", "norm_eps")
-
-
-def _restore(checkpoint: str, step: int | None
-             ) -> tuple[int, transformer_lib.TransformerConfig, dict[str, Any]]:
-  """(step, config, params) of a pause_flax checkpoint, on one CPU device."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  directory, resolved = checkpointing._resolve(checkpoint)  # pylint: disable=protected-access
-  ckpt = checkpointing.Checkpointer(directory, checkpointing.CheckpointOptions(
-      async_save=False))
-  try:
-    steps = ckpt.steps()
-    if not steps:
-      raise FileNotFoundError(f"checkpoint={checkpoint!r}: no checkpoint in {directory}.")
-    step = step if step is not None else resolved if resolved is not None else steps[-1]
-    config = transformer_lib.TransformerConfig(**ckpt.read_meta(step)["model_config"])
-    abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(
-        lambda: transformer_lib.Transformer(config, rngs=nnx.Rngs(0)))))
-    device = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    abstract = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
-    params = ckpt.restore_params(step, abstract)
-  finally:
-    ckpt.close()
-  return step, config, jax.tree.map(np.asarray, params)
 
 
 def _export_tokenizer(files_dir: str, out: str, base_vocab: int, pause: bool) -> None:
@@ -460,7 +422,9 @@ def export_checkpoint(checkpoint: str, out: str, *, imported: str | None = None,
     raise ValueError(f"dtype={dtype!r}; choose from {sorted(EXPORT_DTYPES)}.")
   imported = checkpoint if imported is None else imported
   info = read_import_info(imported)
-  step, config, params = _restore(checkpoint, step)
+  saved = checkpointing.restore_model_params(checkpoint, step=step)  # on one CPU device
+  step, config = saved.step, saved.config
+  params = jax.tree.map(np.asarray, saved.params)
   expected = config_from_hf(info["hf_config"])
   for field in _ARCHITECTURE_FIELDS:
     if getattr(config, field) != getattr(expected, field):

@@ -108,3 +108,17 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     tensors[name] = np.memmap(path, dtype=dtype, mode="r", offset=data_start + begin,
                               shape=shape)
   return tensors
+
+
+# -- an imported model's record -------------------------------------------------------
+
+IMPORT_INFO = "hf_import.json"  # written by hf_checkpoint.import_checkpoint
+
+
+def read_import_info(path: str) -> dict:
+  """The hf_import.json of a directory written by `hf_checkpoint.import_checkpoint`."""
+  info_path = os.path.join(path, IMPORT_INFO)
+  if not os.path.exists(info_path):
+    raise FileNotFoundError(f"{path} has no {IMPORT_INFO}: give the output directory of "
+                            "`python -m pause_flax.convert import`.")
+  return read_json_object(info_path)

@@ -26,7 +26,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from pause_flax.hf_files import HFFormatError, parse_json_object
+from pause_flax.hf_files import HFFormatError, parse_json_object, read_import_info
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
 
@@ -204,3 +204,15 @@ class HfTokenizerVocabulary(seqio.Vocabulary):
     return f"HfTokenizerVocabulary({self._path!r})"
 
   __repr__ = __str__
+
+
+# -- an imported model's vocabulary -------------------------------------------------
+
+def imported_vocabulary(path: str) -> HfTokenizerVocabulary:
+  """HfTokenizerVocabulary of an imported model (wrap it in PauseVocabulary for pauses)."""
+  info = read_import_info(path)
+  if info["tokenizer"] is None:
+    raise FileNotFoundError(f"{info['source']} had no tokenizer.json when {path} was "
+                            "imported; build a vocabulary from your own tokenizer file.")
+  return HfTokenizerVocabulary(os.path.join(path, info["tokenizer"]),
+                               vocab_size=info["vocab_size"])

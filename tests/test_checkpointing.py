@@ -174,6 +174,45 @@ def test_refuses_to_save_a_non_finite_state(tmp_path):
   ckpt.close()
 
 
+def test_reading_a_checkpoint_from_outside_its_run(tmp_path):
+  import dataclasses
+  mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
+  trainer = tt.make_trainer(mesh)
+  state = trainer.init(3)
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "run" / "checkpoints"),
+                                    checkpointing.CheckpointOptions(async_save=False))
+  meta = {"vocab_size": tt.CONFIG.vocab_size, "model_config": dataclasses.asdict(tt.CONFIG)}
+  for step in (2, 4):
+    ckpt.save(step, state.params, state.opt_state, None, meta)
+  ckpt.close()
+  run, checkpoints = str(tmp_path / "run"), str(tmp_path / "run" / "checkpoints")
+  assert checkpointing.resolve_checkpoint(run) == (checkpoints, None)
+  assert checkpointing.resolve_checkpoint(checkpoints) == (checkpoints, None)
+  assert checkpointing.resolve_checkpoint(f"{checkpoints}/2") == (checkpoints, 2)
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    checkpointing.resolve_checkpoint(str(tmp_path / "nope"))
+  step, read = checkpointing.read_checkpoint_meta(run)
+  assert step == 4 and read["vocab_size"] == tt.CONFIG.vocab_size
+  assert checkpointing.read_checkpoint_meta(f"{checkpoints}/2")[0] == 2
+  with pytest.raises(FileNotFoundError, match=r"no step 3 .*steps: \[2, 4\]"):
+    checkpointing.read_checkpoint_meta(run, step=3)
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+    checkpointing.read_checkpoint_meta(str(tmp_path / "empty"))
+
+  on_mesh = checkpointing.restore_model_params(run, mesh=mesh)
+  on_cpu = checkpointing.restore_model_params(f"{checkpoints}/2")
+  assert (on_mesh.step, on_cpu.step, on_cpu.config) == (4, 2, tt.CONFIG)
+  assert len(jax.tree.leaves(on_mesh.params)[0].sharding.device_set) > 1
+  assert len(jax.tree.leaves(on_cpu.params)[0].sharding.device_set) == 1
+  for a, b in zip(jax.tree.leaves(on_cpu.params), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert on_cpu.model().embedding_VxD[...].shape == state.params["embedding_VxD"].shape
+  other = dataclasses.replace(tt.CONFIG, num_layers=tt.CONFIG.num_layers + 1)
+  with pytest.raises(ValueError, match="does not match this model's architecture"):
+    checkpointing.restore_model_params(run, model_config=other)
+
+
 @pytest.mark.parametrize("base", [256, 259])  # padding grows (256 -> 384) or not (384)
 def test_standard_vocab_checkpoint_loads_into_pause_vocab(tmp_path, base):
   import dataclasses

@@ -302,7 +302,8 @@ def test_pause_finetune_through_gin_then_export(imported_untied, vocab_size, tmp
   hf_config = hf_checkpoint.export_checkpoint(model_dir, export_dir, imported=out)
   assert hf_config["vocab_size"] == vocab_size + 1
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(export_dir).eval()
-  _, config, params = hf_checkpoint._restore(model_dir, None)  # pylint: disable=protected-access
+  saved = checkpointing.restore_model_params(model_dir)
+  config, params = saved.config, saved.params
   assert config.vocab_size == vocab_size + 1
   tokens = np.random.default_rng(2).integers(0, vocab_size + 1, (2, 24))
   ours = np.asarray(_trainer(config).model(params)(tokens))[..., :vocab_size + 1]

@@ -175,7 +175,7 @@ def test_inject_group_draws_are_independent():
     (dict(group_size=0), r"group_size=0 is invalid"),
     (dict(fraction=1.0), r"fraction=1.0 is invalid.*\[0, 1\)"),
     (dict(fraction=-0.1), r"fraction=-0.1 is invalid"),
-    (dict(fraction=None), r"fraction=None is invalid"),
+    (dict(fraction=0.1, num_pauses=3), r"PAUSE_FRACTION \(0.1.*NUM_PAUSES \(3.*not both"),
     (dict(num_pauses=-2), r"num_pauses=-2 is invalid"),
 ])
 def test_inject_errors(kwargs, message):

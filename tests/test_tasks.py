@@ -37,6 +37,7 @@ def test_names_registered_and_reimport_is_idempotent():
   names = {"c4_en_lm", "c4_en_lm_pause", "synthetic_lm", "synthetic_lm_pause"}
   for task in ("addition", "digit_sum", "pointer"):
     names |= {f"synthetic_{task}", f"synthetic_{task}_pause"}
+  names |= {"squad", "squad_pause", "gsm8k_pause"}  # the downstream Tasks too
   assert names <= set(seqio.TaskRegistry.names())
   importlib.reload(tasks)
   tasks.register_c4_tasks()
@@ -201,7 +202,7 @@ def test_pause_variant_errors(user_task):
     tasks.pause_variant(lm, fraction=1.5)
   with pytest.raises(ValueError, match=r"num_pauses=-1 is invalid"):
     tasks.pause_variant(lm, num_pauses=-1)
-  with pytest.raises(ValueError, match=r"fraction \(0.1\) or num_pauses \(3\)"):
+  with pytest.raises(ValueError, match=r"PAUSE_FRACTION \(0.1.*NUM_PAUSES \(3.*not both"):
     tasks.pause_variant(lm, fraction=0.1, num_pauses=3)
   with pytest.raises(ValueError, match=r"'user_lm' has no 'inputs' feature"):
     tasks.pause_variant(lm, form="finetune")
@@ -211,3 +212,28 @@ def test_pause_variant_errors(user_task):
     tasks.default_task_feature_lengths(lm)
   with pytest.raises(ValueError, match=r"'nope_task'"):
     tasks.get_vocabulary("nope_task")
+
+
+def test_variant_spec(user_task):
+  qa = user_task("user_qa", True)
+  assert tasks.variant_spec(qa) is None
+  name = tasks.filler_variant(qa, 7, form="finetune", num_pauses=3)
+  spec = tasks.variant_spec(name)
+  assert (spec.base, spec.form, spec.fraction, spec.num_pauses, spec.pause_token) == (
+      qa, "finetune", None, 3, 7)
+  assert tasks.variant_spec(tasks.pause_variant(qa, fraction=0.2)).fraction == 0.2
+
+
+def test_training_task_one_rule_for_the_pause_settings(user_task):
+  lm, qa = user_task("user_lm", False), user_task("user_qa", True)
+  assert tasks.training_task(lm) == lm
+  assert tasks.training_task(lm, pause_fraction=0.1) == "user_lm_pause"
+  assert tasks.training_task(qa, num_pauses=4) == "user_qa_pause4"
+  with pytest.raises(ValueError, match=r"PAUSE_FRACTION \(0.1.*NUM_PAUSES \(4.*not both"):
+    tasks.training_task(qa, pause_fraction=0.1, num_pauses=4)
+  # A pause-pretrained INIT_FROM (one more vocabulary row) keeps its pause row.
+  size = tasks.get_vocabulary(qa).vocab_size
+  assert tasks.training_task(qa, init_vocab_size=size) == qa
+  assert tasks.training_task(qa, init_vocab_size=size + 1) == "user_qa_pause0"
+  assert tasks.training_task(lm, init_vocab_size=size + 1) == "user_lm_pause_n0"
+  assert isinstance(tasks.get_vocabulary("user_qa_pause0"), PauseVocabulary)

@@ -2,7 +2,7 @@
 
 Importing this module registers (see `register_downstream_tasks`), for each
 name below, '<name>' and '<name>_pause' (M_ft pauses appended to the prefix,
-through `tasks.pause_variant(form='finetune')`):
+through `registry.pause_variant(form='finetune')`):
 
   name                    TFDS                     how            metric
   squad                   squad/v1.1:3.0.0         generation     EM, F1
@@ -33,7 +33,7 @@ metric. Rank-classification Tasks give one example per (prompt, option):
 finetuning target), other splits keep every option for scoring.
 
 Nothing is read at import: the TFDS builders and the vocabulary are opened on
-first use. Data come from a TFDS data_dir prepared beforehand (README.md, 'Downstream tasks').
+first use. Data come from a TFDS data_dir prepared beforehand (docs/downstream.md).
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ from collections.abc import Callable, Mapping, Sequence
 import seqio
 import tensorflow as tf
 
-from pause_flax.data import tasks
-from pause_flax.evaluation import metrics
+from pause_flax.data import registry
+from pause_flax.data import metrics
 
 # M_ft per task. Goyal et al. (2024) report the best M_ft for GSM8k (10) and
 # SQuAD (50); the others are this framework's default, 10 (the paper chose
@@ -395,11 +395,11 @@ def register_downstream_tasks(
   if data_dir is not None and not tf.io.gfile.isdir(data_dir):
     raise FileNotFoundError(
         f"Downstream data_dir={data_dir!r} does not exist; point it at a TFDS "
-        "data_dir holding the prepared datasets (README.md, 'Downstream tasks'), or pass "
+        "data_dir holding the prepared datasets (docs/downstream.md), or pass "
         "None for TFDS's default.")
   resolved = _resolve_num_pauses(num_pauses)
   vocabulary = vocabulary or seqio.SentencePieceVocabulary(
-      tasks.DEFAULT_SPM_PATH)
+      registry.DEFAULT_SPM_PATH)
   features = {
       "inputs": seqio.Feature(vocabulary, add_eos=False),
       "targets": seqio.Feature(vocabulary, add_eos=True),
@@ -411,7 +411,7 @@ def register_downstream_tasks(
     steps = [spec.formatter]
     steps.append(rank_classification if spec.rank_classification else
                  filter_unanswered)
-    tasks._add_task(  # pylint: disable=protected-access
+    registry.add_task(
         name,
         source=source_cls(spec.tfds_name, tfds_data_dir=data_dir,
                           splits=dict(spec.splits), read_only=True),
@@ -424,10 +424,10 @@ def register_downstream_tasks(
         postprocess_fn=spec.postprocess_fn,
         metric_fns=list(spec.metric_fns))
     m = resolved[name]
-    pause_name = tasks.pause_variant(name, form="finetune", num_pauses=m,
-                                     name=f"{name}_pause")
+    pause_name = registry.pause_variant(name, form="finetune", num_pauses=m,
+                                        name=f"{name}_pause")
     # The pause form sees the same prefix as the standard one, plus M pauses.
-    lengths = tasks._DEFAULT_LENGTHS  # pylint: disable=protected-access
+    lengths = registry.DEFAULT_LENGTHS
     lengths[name] = dict(spec.lengths)
     lengths[pause_name] = {**spec.lengths,
                            "inputs": spec.lengths["inputs"] + m}

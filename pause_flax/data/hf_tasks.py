@@ -4,7 +4,7 @@
 digit_sum, pointer; pause_flax.data.synthetic) tokenized with the imported
 model's tokenizer.json, as a standard Task: a run's NUM_PAUSES turns it into
 the pause variant (PauseVocabulary over HfTokenizerVocabulary). Your own Tasks
-do the same with `hf_checkpoint.imported_vocabulary(path)` as their vocabulary.
+do the same with `hf_vocab.imported_vocabulary(path)` as their vocabulary.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import gin
 import seqio
 
-from pause_flax import hf_checkpoint
+from pause_flax import hf_vocab
 from pause_flax.data import tasks
 
 
@@ -26,4 +26,4 @@ def register_synthetic_task(vocabulary: seqio.Vocabulary, task: str = "addition"
 @gin.configurable
 def imported_synthetic_task(imported: str, task: str = "addition") -> str:
   """Registers synthetic `task` with the tokenizer of the import in `imported`; its name."""
-  return register_synthetic_task(hf_checkpoint.imported_vocabulary(imported), task)
+  return register_synthetic_task(hf_vocab.imported_vocabulary(imported), task)

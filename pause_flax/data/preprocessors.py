@@ -110,6 +110,18 @@ def _resolve_pause_id(pause_id: int | None,
   return vocab.pause_id
 
 
+def check_one_pause_setting(fraction: float | None, num_pauses: int | None) -> None:
+  """The one rule for M: a fraction of L or a fixed number of pauses, never both.
+
+  None means unset. `inject_pauses`, `tasks.pause_variant` and
+  `tasks.training_task` (the gin macros) all apply it, with this message.
+  """
+  if fraction is not None and num_pauses is not None:
+    raise ValueError(
+        f"Set PAUSE_FRACTION ({fraction!r}, a fraction of the length) or NUM_PAUSES "
+        f"({num_pauses!r}, a fixed number of pauses), not both.")
+
+
 def _check_count(name: str, value) -> None:
   if isinstance(value, bool) or not isinstance(value, int) or value < 0:
     raise ValueError(f"{name}={value!r} is invalid: use an integer >= 0.")
@@ -119,7 +131,7 @@ def inject_pauses(dataset: tf.data.Dataset,
                   output_features: Mapping[str, seqio.Feature] | None = None,
                   sequence_length: Mapping[str, int] | None = None,
                   *,
-                  fraction: float | None = 0.1,
+                  fraction: float | None = None,
                   num_pauses: int | None = None,
                   pause_id: int | None = None,
                   feature_key: str = "targets",
@@ -141,9 +153,9 @@ def inject_pauses(dataset: tf.data.Dataset,
     output_features: supplied by seqio; used to find the pause id when
       `pause_id` is None.
     sequence_length: supplied by seqio; trims `feature_key` first.
-    fraction: M = round(fraction * L), rounding half to even; in [0, 1).
-    num_pauses: a fixed M instead of `fraction` (set `fraction=None` or leave
-      it; `num_pauses` wins).
+    fraction: M = round(fraction * L), rounding half to even; in [0, 1);
+      0.1 (the paper's) when neither it nor `num_pauses` is set.
+    num_pauses: a fixed M instead of `fraction`; setting both is an error.
     pause_id: the id inserted; default: the feature's PauseVocabulary's.
       Pass an ordinary token id for a filler-token control.
     feature_key: the feature to lengthen and trim.
@@ -154,9 +166,12 @@ def inject_pauses(dataset: tf.data.Dataset,
   Returns:
     The dataset with pauses in `feature_key`; other features untouched.
   """
+  check_one_pause_setting(fraction, num_pauses)
   if num_pauses is not None:
     _check_count("num_pauses", num_pauses)
-  elif fraction is None or not 0 <= fraction < 1:
+  elif fraction is None:
+    fraction = 0.1
+  if fraction is not None and not 0 <= fraction < 1:
     raise ValueError(
         f"fraction={fraction!r} is invalid: use a number in [0, 1) (the paper "
         "uses 0.1), or set num_pauses.")

@@ -33,7 +33,6 @@ from absl import logging
 from etils import epath
 import jax
 import numpy as np
-from flax import nnx
 from jax.experimental import multihost_utils
 
 from pause_flax import parallel
@@ -81,15 +80,13 @@ def standard_task(name: str) -> tuple[str, int, int | None]:
   Task it was made from; any other name is its own standard form, M_ft 0.
   """
   pipeline.check_task_name(name)
-  provider = seqio.get_mixture_or_task(name)
-  spec = getattr(provider, tasks_lib._SPEC_ATTR, None)  # pylint: disable=protected-access
+  spec = tasks_lib.variant_spec(name)
   if spec is None:
     return name, 0, None
-  base, _, form, _, num_pauses, pause_token = spec
-  if form != "finetune":
-    raise ValueError(f"{name!r} is a pretraining (injected-pause) variant of {base!r}; "
+  if spec.form != "finetune":
+    raise ValueError(f"{name!r} is a pretraining (injected-pause) variant of {spec.base!r}; "
                      "evaluate a Task with 'inputs' and 'targets'.")
-  return base, num_pauses, pause_token
+  return spec.base, spec.num_pauses, spec.pause_token
 
 
 def _feature_lengths(task: str, lengths: Mapping[str, int] | None) -> dict[str, int]:
@@ -120,50 +117,16 @@ class Checkpoint:
   model_dir: str        # the run's MODEL_DIR (parent of checkpoints/)
 
 
-def _checkpoint_dir(path: str) -> tuple[epath.Path, int | None]:
-  """A MODEL_DIR, its checkpoints/ folder, or checkpoints/<step>."""
-  p = epath.Path(path)
-  if p.name.isdigit() and (p / checkpointing.PARAMS).exists():
-    return p.parent, int(p.name)
-  if (p / "checkpoints").exists():
-    return p / "checkpoints", None
-  if p.exists():
-    return p, None
-  raise FileNotFoundError(f"CHECKPOINT_PATH={path!r} does not exist: give a MODEL_DIR, its "
-                          "checkpoints/ folder or a checkpoints/<step> folder.")
-
-
 def load_checkpoint(path: str, mesh: jax.sharding.Mesh,
                     rules: parallel.LogicalRules = parallel.DEFAULT_RULES,
                     step: int | None = None) -> Checkpoint:
   """Builds the Transformer recorded in a checkpoint's meta and restores it sharded."""
-  directory, path_step = _checkpoint_dir(path)
-  ckpt = checkpointing.Checkpointer(os.fspath(directory),
-                                    checkpointing.CheckpointOptions(async_save=False))
-  try:
-    steps = ckpt.steps()
-    if not steps:
-      raise FileNotFoundError(f"CHECKPOINT_PATH={path!r}: no checkpoint in {directory}.")
-    if step is None:
-      step = steps[-1] if path_step is None else path_step
-    if step not in steps:
-      raise FileNotFoundError(f"CHECKPOINT_PATH={path!r}: no step {step}; steps {steps}.")
-    meta = ckpt.read_meta(step)
-    if "model_config" not in meta:
-      raise ValueError(f"The checkpoint at {directory}/{step} records no model_config.")
-    config = transformer_lib.TransformerConfig(**meta["model_config"])
-    abstract = nnx.eval_shape(lambda: transformer_lib.Transformer(config, rngs=nnx.Rngs(0)))
-    graphdef, abstract_state = nnx.split(abstract)
-    target = checkpointing.abstract_with_shardings(
-        nnx.to_pure_dict(abstract_state),
-        nnx.to_pure_dict(parallel.state_shardings(abstract_state, mesh, rules)))
-    params = ckpt.restore_params(step, target)
-  finally:
-    ckpt.close()
+  saved = checkpointing.restore_model_params(path, step=step, mesh=mesh, rules=rules)
+  directory = epath.Path(saved.directory)
   model_dir = directory.parent if directory.name == "checkpoints" else directory
-  logging.info("Restored %s step %d (%s parameters).", directory, step,
-               f"{transformer_lib.num_params(config):,}")
-  return Checkpoint(nnx.merge(graphdef, params), step, meta, os.fspath(model_dir))
+  logging.info("Restored %s step %d (%s parameters).", directory, saved.step,
+               f"{transformer_lib.num_params(saved.config):,}")
+  return Checkpoint(saved.model(), saved.step, saved.meta, os.fspath(model_dir))
 
 
 # -- evaluation -------------------------------------------------------------------

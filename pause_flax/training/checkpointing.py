@@ -348,11 +348,14 @@ class Checkpointer:
     return dict(restored[META])
 
 
-# -- loading parameters for finetuning ------------------------------------------
+# -- reading a checkpoint from outside its run (INIT_FROM, evaluation, HF export) --
 
 
-def _resolve(path: str) -> tuple[str, int | None]:
-  """A checkpoints dir, a MODEL_DIR holding one, or `<checkpoints>/<step>`."""
+def resolve_checkpoint(path: str) -> tuple[str, int | None]:
+  """(checkpoints directory, step) of a MODEL_DIR, its checkpoints/ folder or `<dir>/<step>`.
+
+  The step is the one the path names, or None (read: the newest).
+  """
   p = epath.Path(path)
   if p.name.isdigit() and (p / PARAMS).exists():
     return os.fspath(p.parent), int(p.name)
@@ -360,8 +363,107 @@ def _resolve(path: str) -> tuple[str, int | None]:
     return os.fspath(p / "checkpoints"), None
   if p.exists():
     return os.fspath(p), None
-  raise FileNotFoundError(f"init_from={path!r} does not exist: give a MODEL_DIR, its "
+  raise FileNotFoundError(f"Checkpoint path {path!r} does not exist: give a MODEL_DIR, its "
                           "checkpoints/ folder, or a checkpoints/<step> folder.")
+
+
+def _open(path: str, step: int | None) -> tuple[Checkpointer, int]:
+  """A synchronous Checkpointer on `path`'s directory and the step to read."""
+  directory, path_step = resolve_checkpoint(path)
+  ckpt = Checkpointer(directory, CheckpointOptions(async_save=False))
+  steps = ckpt.steps()
+  step = path_step if step is None else step
+  step = steps[-1] if step is None and steps else step
+  if step is None or step not in steps:
+    ckpt.close()
+    raise FileNotFoundError(f"Checkpoint path {path!r}: " + (
+        f"no step {step} in {directory} (steps: {steps})." if steps else
+        f"no checkpoint in {directory}."))
+  return ckpt, step
+
+
+def read_checkpoint_meta(path: str, step: int | None = None) -> tuple[int, dict]:
+  """(step, meta) of a checkpoint: `step`, the one the path names, or the newest.
+
+  meta is what the run recorded: step, vocab_size, model_config, and for a
+  training run task, base_task, num_pauses.
+  """
+  ckpt, step = _open(path, step)
+  try:
+    return step, ckpt.read_meta(step)
+  finally:
+    ckpt.close()
+
+
+def _vocab_size(meta: dict) -> int:
+  """The vocabulary size the checkpointed parameters were built with."""
+  return int(meta.get("model_config", {}).get("vocab_size", meta.get("vocab_size")))
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedModel:
+  """A model's parameters restored from a checkpoint, with what its run recorded."""
+  step: int
+  meta: dict
+  config: Any     # the TransformerConfig the parameters were restored into
+  params: Any     # nnx pure dict of arrays
+  graphdef: Any   # nnx GraphDef of the Transformer
+  directory: str  # the checkpoints directory
+
+  def model(self):
+    """The Transformer holding these parameters."""
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+    return nnx.merge(self.graphdef, self.params)
+
+
+def restore_model_params(path: str, *, step: int | None = None,
+                         mesh: jax.sharding.Mesh | None = None, rules: Any = None,
+                         model_config: Any = None) -> SavedModel:
+  """Restores a checkpoint's model parameters, sharded onto `mesh`.
+
+  Args:
+    path: a MODEL_DIR, its checkpoints/ folder, or checkpoints/<step>.
+    step: the step to restore; default the one the path names, else the newest.
+    mesh: where the parameters go (by their logical axes and `rules`); None:
+      one CPU device.
+    rules: logical axis rules; default parallel.DEFAULT_RULES.
+    model_config: the architecture to restore into; default the model_config
+      the checkpoint records. The vocabulary size is the checkpoint's either
+      way (a pause run's is one larger than a standard one's).
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from pause_flax import parallel  # pylint: disable=g-import-not-at-top
+  from pause_flax.model import transformer as transformer_lib  # pylint: disable=g-import-not-at-top
+
+  ckpt, step = _open(path, step)
+  where = f"{ckpt.directory}/{step}"
+  try:
+    meta = ckpt.read_meta(step)
+    if model_config is None:
+      if "model_config" not in meta:
+        raise ValueError(f"The checkpoint at {where} records no model_config.")
+      config = transformer_lib.TransformerConfig(**meta["model_config"])
+    else:
+      config = dataclasses.replace(model_config, vocab_size=_vocab_size(meta))
+    graphdef, state = nnx.split(nnx.eval_shape(
+        lambda: transformer_lib.Transformer(config, rngs=nnx.Rngs(0))))
+    if mesh is None:
+      device = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+      shardings = jax.tree.map(lambda _: device, nnx.to_pure_dict(state))
+    else:
+      shardings = nnx.to_pure_dict(parallel.state_shardings(
+          state, mesh, parallel.DEFAULT_RULES if rules is None else rules))
+    target = abstract_with_shardings(nnx.to_pure_dict(state), shardings)
+    try:
+      params = ckpt.restore_params(step, target)
+    except Exception as e:
+      if model_config is None:
+        raise
+      raise ValueError(f"The checkpoint at {where} does not match this model's "
+                       f"architecture: {str(e).splitlines()[0][:300]}") from e
+  finally:
+    ckpt.close()
+  return SavedModel(step, meta, config, params, graphdef, os.fspath(ckpt.directory))
 
 
 def load_params(path: str, trainer) -> Any:
@@ -374,42 +476,19 @@ def load_params(path: str, trainer) -> Any:
   (normal(0, 1) / normal(0, 1/sqrt(d_model)) as the model initialises them).
   Any other shape mismatch is an error.
   """
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from pause_flax import parallel  # pylint: disable=g-import-not-at-top
-  from pause_flax.model import transformer as transformer_lib  # pylint: disable=g-import-not-at-top
-
-  directory, step = _resolve(path)
-  ckpt = Checkpointer(directory, CheckpointOptions(async_save=False))
-  steps = ckpt.steps()
-  if not steps:
-    raise FileNotFoundError(f"init_from={path!r}: no checkpoint in {directory}.")
-  step = steps[-1] if step is None else step
-  meta = ckpt.read_meta(step)
-  saved_cfg = dataclasses.replace(
-      trainer.model_config, **{k: v for k, v in meta["model_config"].items()
-                               if k in ("vocab_size",)})
   new_cfg = trainer.model_config
-  if saved_cfg.vocab_size > new_cfg.vocab_size:
-    raise ValueError(f"init_from={path!r} has vocab_size {saved_cfg.vocab_size}, larger "
+  step, meta = read_checkpoint_meta(path)
+  if _vocab_size(meta) > new_cfg.vocab_size:
+    raise ValueError(f"init_from={path!r} has vocab_size {_vocab_size(meta)}, larger "
                      f"than this model's {new_cfg.vocab_size}.")
-  abstract_model = nnx.eval_shape(lambda: transformer_lib.Transformer(saved_cfg,
-                                                                      rngs=nnx.Rngs(0)))
-  _, saved_state = nnx.split(abstract_model)
-  saved_abstract = abstract_with_shardings(
-      nnx.to_pure_dict(saved_state),
-      nnx.to_pure_dict(parallel.state_shardings(saved_state, trainer.mesh, trainer.rules)))
-  try:
-    old = ckpt.restore_params(step, saved_abstract)
-  except Exception as e:
-    raise ValueError(f"init_from={path!r} step {step} does not match this model's "
-                     f"architecture: {str(e).splitlines()[0][:300]}") from e
-  finally:
-    ckpt.close()
-  if saved_cfg.vocab_size == new_cfg.vocab_size:
+  saved = restore_model_params(path, step=step, mesh=trainer.mesh, rules=trainer.rules,
+                               model_config=new_cfg)
+  old = saved.params
+  if saved.config.vocab_size == new_cfg.vocab_size:
     return jax.device_put(old, trainer.param_shardings)
 
   fresh = trainer.init(0).params
-  old_v = saved_cfg.vocab_size
+  old_v = saved.config.vocab_size
 
   def merge(path_keys, new, prev):
     names = trainer.param_logical_names.get(tuple(k.key for k in path_keys))

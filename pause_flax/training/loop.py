@@ -92,8 +92,9 @@ def train(*, model_dir: str,
   `config_str()` returns the text written to MODEL_DIR/config.gin.
   At log steps, `extra_metrics_hook(step, state)` and `eval_hook(step,
   model)` (the live model, e.g. `evaluator.PeriodicEval`) return metrics to
-  log. A pause-pretrained INIT_FROM finetuned with num_pauses=0 trains on the
-  task's pause form with 0 pauses, so its vocabulary keeps the pause row.
+  log. The task read is `tasks.training_task`'s: a pause-pretrained INIT_FROM
+  finetuned with num_pauses=0 trains on the task's pause form with 0 pauses, so
+  its vocabulary keeps the pause row.
   `data_shards` (default: the process count) fixes how the data source is
   split; keeping it fixed gives the same global batches on any number of
   processes that divides it.
@@ -105,18 +106,11 @@ def train(*, model_dir: str,
   from pause_flax.data import tasks as tasks_lib
 
   pipeline.check_task_name(mixture_or_task_name)
-  if pause_fraction and num_pauses:
-    raise ValueError(f"Set PAUSE_FRACTION ({pause_fraction}) for pretraining or NUM_PAUSES "
-                     f"({num_pauses}) for finetuning, not both.")
-  task_name = mixture_or_task_name
-  if pause_fraction:
-    task_name = tasks_lib.pause_variant(task_name, fraction=pause_fraction, form="pretrain")
-  elif num_pauses:
-    task_name = tasks_lib.pause_variant(task_name, num_pauses=num_pauses, form="finetune")
-  elif init_from and (_init_from_vocab_size(init_from) or 0) > (
-      tasks_lib.get_vocabulary(task_name).vocab_size):
-    form = "finetune" if "inputs" in pipeline.task_features(task_name) else "pretrain"
-    task_name = tasks_lib.pause_variant(task_name, num_pauses=0, form=form)
+  # The data layer turns the pause settings into the Task; the loop only reads
+  # INIT_FROM's vocabulary size for it.
+  task_name = tasks_lib.training_task(
+      mixture_or_task_name, pause_fraction=pause_fraction, num_pauses=num_pauses,
+      init_vocab_size=_init_from_vocab_size(init_from) if init_from else None)
   seq_len = pipeline.check_feature_lengths(task_name, task_feature_lengths,
                                            model_config.max_len)
   vocab = tasks_lib.get_vocabulary(task_name)
@@ -433,17 +427,9 @@ def _initial_state(trainer: trainer_lib.Trainer, ckpt: checkpointing.Checkpointe
   return trainer.fresh_state(params), make_data_iterator()
 
 
-def _init_from_vocab_size(init_from: str) -> int | None:
-  """The vocabulary size INIT_FROM's newest checkpoint records (None: none yet)."""
-  directory, step = checkpointing._resolve(init_from)  # pylint: disable=protected-access
-  ckpt = checkpointing.Checkpointer(directory,
-                                    checkpointing.CheckpointOptions(async_save=False))
-  try:
-    if not ckpt.steps():
-      return None
-    return int(ckpt.read_meta(step)["vocab_size"])
-  finally:
-    ckpt.close()
+def _init_from_vocab_size(init_from: str) -> int:
+  """The vocabulary size INIT_FROM's checkpoint records."""
+  return int(checkpointing.read_checkpoint_meta(init_from)[1]["vocab_size"])
 
 
 def tf_gfile_makedirs(path: str) -> None:

@@ -1,0 +1,223 @@
+"""Registering seqio Tasks, their pause variants, and what a registered name means.
+
+The Task modules (`tasks`, `downstream`, `hf_tasks`) register through
+`add_task` and record the lengths a Task is meant for in `DEFAULT_LENGTHS`;
+`pause_variant` makes the pause (or filler) form of any registered Task or
+Mixture, and `variant_spec` tells what a variant was made from.
+`training_task` turns a run's pause settings (PAUSE_FRACTION, NUM_PAUSES, the
+vocabulary of INIT_FROM) into the Task it trains on. `pause_flax.data.tasks`
+hands all of these on; users import them from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import seqio
+
+from pause_flax.data import preprocessors as prep
+from pause_flax.vocab import PauseVocabulary
+
+# T5's 32k SentencePiece model: the default base vocabulary of C4 and the
+# paper's downstream Tasks.
+DEFAULT_SPM_PATH = "gs://t5-data/vocabs/cc_all.32000/sentencepiece.model"
+DEFAULT_PAUSE_FRACTION = 0.1
+DEFAULT_NUM_PAUSES = 10  # M_ft for finetuning variants.
+
+# {Task or Mixture name: {feature: length}}: the sequence lengths a registered
+# Task is meant for. Registration modules write it; pause variants inherit it.
+DEFAULT_LENGTHS: dict[str, dict[str, int]] = {}
+# pause_variant marks what it registers with this attribute (a VariantSpec),
+# on the provider itself so that the mark survives a module reload.
+_SPEC_ATTR = "_pause_flax_variant_spec"
+
+
+class VariantSpec(NamedTuple):
+  """What `pause_variant` made a variant from (the arguments it resolved)."""
+  base: str                 # the Task or Mixture the variant was made from
+  provider_id: int          # id() of that provider when the variant was made
+  form: str                 # 'pretrain' (injected) or 'finetune' (appended)
+  fraction: float | None    # pretraining: the pause fraction, or None
+  num_pauses: int | None    # M (a fixed count), or None
+  pause_token: int | None   # the filler id of a filler variant; None for <pause>
+
+
+def add_task(name: str, **kwargs) -> seqio.Task:
+  """Registers a Task (seqio.TaskRegistry.add's arguments), replacing any earlier one."""
+  seqio.TaskRegistry.remove(name)
+  return seqio.TaskRegistry.add(name, **kwargs)
+
+
+def variant_spec(task_or_mixture_name: str) -> VariantSpec | None:
+  """The VariantSpec of a variant made by `pause_variant`; None for any other name."""
+  spec = getattr(seqio.get_mixture_or_task(task_or_mixture_name), _SPEC_ATTR, None)
+  return None if spec is None else VariantSpec(*spec)
+
+
+def _pause_features(features: Mapping[str, seqio.Feature]
+                    ) -> dict[str, seqio.Feature]:
+  """The features with every token vocabulary wrapped in a PauseVocabulary."""
+  out = {}
+  for key, feature in features.items():
+    vocab = getattr(feature, "vocabulary", None)
+    if isinstance(vocab, seqio.Vocabulary) and not isinstance(
+        vocab, (PauseVocabulary, seqio.PassThroughVocabulary)):
+      feature = dataclasses.replace(feature, vocabulary=PauseVocabulary(vocab))
+    out[key] = feature
+  return out
+
+
+def _variant_name(base: str, form: str, fraction: float | None,
+                  num_pauses: int | None, pause_token: int | None) -> str:
+  kind = "pause" if pause_token is None else f"filler{pause_token}"
+  if form == "finetune":
+    return f"{base}_{kind}" if num_pauses == DEFAULT_NUM_PAUSES else (
+        f"{base}_{kind}{num_pauses}")
+  if num_pauses is not None:
+    return f"{base}_{kind}_n{num_pauses}"
+  return f"{base}_{kind}" if fraction == DEFAULT_PAUSE_FRACTION else (
+      f"{base}_{kind}_f{fraction:g}")
+
+
+def pause_variant(task_or_mixture_name: str, *,
+                  fraction: float | None = None,
+                  num_pauses: int | None = None,
+                  form: str = "pretrain",
+                  name: str | None = None,
+                  pause_token: int | None = None) -> str:
+  """Registers the pause variant of a registered Task or Mixture.
+
+  form='pretrain' appends `inject_pauses` on 'targets' after all of the
+  Task's preprocessors (so after any cache step: pauses are redrawn each
+  epoch); `fraction` (default 0.1) or `num_pauses` sets M, not both.
+  form='finetune' appends `append_pauses` on 'inputs' (M = `num_pauses`,
+  default 10), truncating the prefix so the pauses survive.
+  Token vocabularies become PauseVocabulary; a Mixture gets the variant of
+  each of its Tasks, at the same rates.
+
+  With `pause_token` set, that ordinary token id (e.g. the id of '.') is
+  inserted instead and vocabularies stay as they are: the filler-token
+  control. Default names are '<name>_pause' (fraction 0.1 / M = 10),
+  '<name>_pause_f0.2', '<name>_pause_n20' (pretrain) or '<name>_pause20'
+  (finetune); 'filler<id>' replaces 'pause' for fillers.
+
+  Returns:
+    The variant's name. Calling again with the same arguments is a no-op.
+  """
+  if form not in ("pretrain", "finetune"):
+    raise ValueError(
+        f"form={form!r} is invalid: use 'pretrain' (inject pauses into "
+        "'targets') or 'finetune' (append pauses to 'inputs').")
+  prep.check_one_pause_setting(fraction, num_pauses)
+  if form == "finetune":
+    if fraction is not None:
+      raise ValueError(
+          f"fraction={fraction!r} applies to form='pretrain'; finetuning "
+          "appends a fixed num_pauses.")
+    num_pauses = DEFAULT_NUM_PAUSES if num_pauses is None else num_pauses
+  elif num_pauses is None and fraction is None:
+    fraction = DEFAULT_PAUSE_FRACTION
+  if num_pauses is not None and (isinstance(num_pauses, bool) or
+                                 not isinstance(num_pauses, int) or
+                                 num_pauses < 0):
+    raise ValueError(f"num_pauses={num_pauses!r} is invalid: use an integer >= 0.")
+  if fraction is not None and not 0 <= fraction < 1:
+    raise ValueError(f"fraction={fraction!r} is invalid: use a number in [0, 1).")
+
+  provider = seqio.get_mixture_or_task(task_or_mixture_name)
+  name = name or _variant_name(task_or_mixture_name, form, fraction,
+                               num_pauses, pause_token)
+  spec = VariantSpec(task_or_mixture_name, id(provider), form, fraction, num_pauses,
+                     pause_token)
+  registered = seqio.maybe_get_mixture_or_task(name) if (
+      name in seqio.TaskRegistry.names() or
+      name in seqio.MixtureRegistry.names()) else None
+  if registered is not None:
+    if not hasattr(registered, _SPEC_ATTR):
+      raise ValueError(
+          f"{name!r} is already registered and is not a pause variant; pass "
+          "another name=.")
+    if getattr(registered, _SPEC_ATTR) == spec:
+      return name
+
+  if isinstance(provider, seqio.Mixture):
+    tasks = [(pause_variant(t.name, fraction=fraction, num_pauses=num_pauses,
+                            form=form, pause_token=pause_token),
+              provider.get_rate(t)) for t in provider.tasks]
+    seqio.MixtureRegistry.remove(name)
+    variant = seqio.MixtureRegistry.add(name, tasks)
+  else:
+    if form == "pretrain":
+      step = functools.partial(prep.inject_pauses, fraction=fraction,
+                               num_pauses=num_pauses, pause_id=pause_token)
+    else:
+      if "inputs" not in provider.output_features:
+        raise ValueError(
+            f"Task {task_or_mixture_name!r} has no 'inputs' feature (features: "
+            f"{sorted(provider.output_features)}); form='finetune' appends "
+            "pauses to the prefix. Use form='pretrain' for LM tasks.")
+      step = functools.partial(prep.append_pauses, num_pauses=num_pauses,
+                               pause_id=pause_token)
+    features = (provider.output_features if pause_token is not None else
+                _pause_features(provider.output_features))
+    variant = provider.replace(
+        name=name, output_features=features,
+        preprocessors=list(provider.preprocessors) + [step])
+    seqio.TaskRegistry.remove(name)
+    seqio.TaskRegistry.add_provider(name, variant)
+  setattr(variant, _SPEC_ATTR, spec)
+  if task_or_mixture_name in DEFAULT_LENGTHS:
+    DEFAULT_LENGTHS[name] = DEFAULT_LENGTHS[task_or_mixture_name]
+  return name
+
+
+def filler_variant(task_or_mixture_name: str, filler_id: int, **kwargs) -> str:
+  """`pause_variant` with an ordinary token id in place of `<pause>`."""
+  return pause_variant(task_or_mixture_name, pause_token=filler_id, **kwargs)
+
+
+def get_vocabulary(task_or_mixture_name: str) -> seqio.Vocabulary:
+  """The 'targets' vocabulary: a PauseVocabulary for pause variants."""
+  features = seqio.get_mixture_or_task(task_or_mixture_name).output_features
+  if "targets" not in features:
+    raise ValueError(
+        f"{task_or_mixture_name!r} has no 'targets' feature (features: "
+        f"{sorted(features)}).")
+  return features["targets"].vocabulary
+
+
+def default_task_feature_lengths(task_or_mixture_name: str) -> dict[str, int]:
+  """The sequence lengths a registered task is meant for (a starting point)."""
+  if task_or_mixture_name not in DEFAULT_LENGTHS:
+    raise ValueError(
+        f"No default lengths for {task_or_mixture_name!r}; known: "
+        f"{sorted(DEFAULT_LENGTHS)}. Pass task_feature_lengths explicitly.")
+  return dict(DEFAULT_LENGTHS[task_or_mixture_name])
+
+
+def training_task(task_or_mixture_name: str, *, pause_fraction: float = 0.0,
+                  num_pauses: int = 0, init_vocab_size: int | None = None) -> str:
+  """The Task or Mixture a training run reads, from the run's pause settings.
+
+  `pause_fraction > 0` (PAUSE_FRACTION): the pretraining form, pauses injected
+  (0.1 is the paper's choice). `num_pauses > 0` (NUM_PAUSES): the finetuning
+  form, M pauses appended to the prefix. Setting both is an error. With
+  neither, a run that starts from a checkpoint whose vocabulary is larger than
+  the task's (`init_vocab_size`, e.g. a pause-pretrained INIT_FROM) trains on
+  the pause form with 0 pauses, so that its vocabulary keeps the pause row.
+  Registers the variant it returns; a standard run gets its own name back.
+  """
+  prep.check_one_pause_setting(pause_fraction or None, num_pauses or None)
+  if pause_fraction:
+    return pause_variant(task_or_mixture_name, fraction=pause_fraction, form="pretrain")
+  if num_pauses:
+    return pause_variant(task_or_mixture_name, num_pauses=num_pauses, form="finetune")
+  if init_vocab_size is not None and (
+      init_vocab_size > get_vocabulary(task_or_mixture_name).vocab_size):
+    features = seqio.get_mixture_or_task(task_or_mixture_name).output_features
+    form = "finetune" if "inputs" in features else "pretrain"
+    return pause_variant(task_or_mixture_name, num_pauses=0, form=form)
+  return task_or_mixture_name
