@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pause_flax import parallel
+from pause_flax.model import kernels
 from pause_flax.model import transformer
 from pause_flax.model.transformer import PAD_LOGIT
 from pause_flax.training import loss as loss_lib
@@ -35,7 +36,7 @@ def _plain(h_BxLxD, head_VxD, targets_BxL, weights_BxL, z_loss):
   return loss_lib.cross_entropy_sums(logits_BxLxV, targets_BxL, weights_BxL, z_loss)
 
 
-def _fused(h_BxLxD, head_VxD, targets_BxL, weights_BxL, z_loss, chunk_len, vocab_major=None,
+def _fused(h_BxLxD, head_VxD, targets_BxL, weights_BxL, z_loss, chunk_len, vocab_major=False,
            batch_shards=1):
   return loss_lib.fused_cross_entropy_sums(h_BxLxD, head_VxD, targets_BxL, weights_BxL, z_loss,
                                            vocab_size=VOCAB, chunk_len=chunk_len,
@@ -136,4 +137,32 @@ def test_trainer_step_equals_plain_logits_path(tie, data):
     np.testing.assert_allclose(metrics_fused[name], metrics_plain[name], rtol=1e-5,
                                err_msg=name)
   for a, b in zip(jax.tree.leaves(params_plain), jax.tree.leaves(params_fused)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_trainer_step_cpu_kernels_equal_xla_kernels():
+  """On one batch shard kernels='cpu' takes the vocabulary-major loss layout
+  (and the CPU model kernels); two steps equal kernels='xla''s."""
+  config = dataclasses.replace(transformer.model_config('tiny'), vocab_size=250, max_len=16,
+                               gated_mlp=True, mlp_activation='silu')
+  mesh = parallel.make_mesh(data=1, fsdp=1, devices=jax.devices()[:1])
+  rng = np.random.default_rng(1)
+  tokens = rng.integers(0, 250, (4, 17)).astype(np.int32)
+  batch = {'decoder_input_tokens': tokens[:, :-1], 'decoder_target_tokens': tokens[:, 1:],
+           'decoder_loss_weights': (rng.random((4, 16)) > 0.2).astype(np.float32)}
+  results = {}
+  for name in ('cpu', 'xla'):
+    step = trainer.Trainer(
+        dataclasses.replace(config, kernels=name), optimizer.make_optimizer(1e-2, eps=1e-3),
+        mesh, options=trainer.StepOptions(z_loss=1e-3, loss_chunk_len=5))
+    assert step.model_config.kernels == name
+    assert kernels.loss_vocab_major(step.model_config, 1) == (name == 'cpu')
+    state = step.init(0)
+    for _ in range(2):
+      state, metrics = step.train_step(state, jax.device_put(batch, step.batch_sharding))
+    results[name] = (jax.device_get(metrics), jax.device_get(state.params))
+  (metrics_cpu, params_cpu), (metrics_xla, params_xla) = results['cpu'], results['xla']
+  for name in ('loss', 'cross_entropy', 'z_loss', 'accuracy', 'grad_norm'):
+    np.testing.assert_allclose(metrics_cpu[name], metrics_xla[name], rtol=1e-5, err_msg=name)
+  for a, b in zip(jax.tree.leaves(params_xla), jax.tree.leaves(params_cpu), strict=True):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)

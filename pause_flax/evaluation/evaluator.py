@@ -40,6 +40,7 @@ from pause_flax import parallel
 from pause_flax.data import pipeline  # hides accelerators from TF; registers Tasks
 from pause_flax.data import tasks as tasks_lib
 from pause_flax.model import decoding
+from pause_flax.model import kernels
 from pause_flax.model import transformer as transformer_lib
 from pause_flax.training import checkpointing
 from pause_flax.vocab import PauseVocabulary
@@ -151,7 +152,8 @@ def load_checkpoint(path: str, mesh: jax.sharding.Mesh,
     meta = ckpt.read_meta(step)
     if "model_config" not in meta:
       raise ValueError(f"The checkpoint at {directory}/{step} records no model_config.")
-    config = transformer_lib.TransformerConfig(**meta["model_config"])
+    config = kernels.resolve(transformer_lib.TransformerConfig(**meta["model_config"]),
+                             kernels.platform(mesh))
     abstract = nnx.eval_shape(lambda: transformer_lib.Transformer(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     target = checkpointing.abstract_with_shardings(
