@@ -83,9 +83,9 @@ class KVCache:
 
 
 KV_CACHE_LOGICAL_AXES = KVCache(
-    k_YxBxSxKxH=('layers', 'batch', 'cache_length', 'heads', 'kv'),
-    v_YxBxSxKxH=('layers', 'batch', 'cache_length', 'heads', 'kv'),
-    segment_ids_BxS=('batch', 'cache_length'),
+    k_YxBxSxKxH=("layers", "batch", "cache_length", "heads", "kv"),
+    v_YxBxSxKxH=("layers", "batch", "cache_length", "heads", "kv"),
+    segment_ids_BxS=("batch", "cache_length"),
     index=(),
 )
 
@@ -119,7 +119,7 @@ class RMSNorm(nnx.Module):
   def __init__(self, config: TransformerConfig):
     self.eps = config.norm_eps
     self.scale = nnx.Param(jnp.ones((config.d_model,), config.param_dtype),
-                           out_sharding=('embed',), eager_sharding=False)
+                           out_sharding=("embed",), eager_sharding=False)
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     x = x_BxLxD.astype(jnp.float32)
@@ -146,10 +146,10 @@ class Attention(nnx.Module):
     self.config = c
     d, n, k, h = c.d_model, c.num_heads, c.resolved_kv_heads, c.resolved_head_dim
     out_std = 0.02 / math.sqrt(2 * c.num_layers)
-    self.q_DxNxH = _param(rngs, 0.02, (d, n, h), ('embed', 'heads', 'kv'), c.param_dtype)
-    self.k_DxKxH = _param(rngs, 0.02, (d, k, h), ('embed', 'heads', 'kv'), c.param_dtype)
-    self.v_DxKxH = _param(rngs, 0.02, (d, k, h), ('embed', 'heads', 'kv'), c.param_dtype)
-    self.o_NxHxD = _param(rngs, out_std, (n, h, d), ('heads', 'kv', 'embed'), c.param_dtype)
+    self.q_DxNxH = _param(rngs, 0.02, (d, n, h), ("embed", "heads", "kv"), c.param_dtype)
+    self.k_DxKxH = _param(rngs, 0.02, (d, k, h), ("embed", "heads", "kv"), c.param_dtype)
+    self.v_DxKxH = _param(rngs, 0.02, (d, k, h), ("embed", "heads", "kv"), c.param_dtype)
+    self.o_NxHxD = _param(rngs, out_std, (n, h, d), ("heads", "kv", "embed"), c.param_dtype)
 
   def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,
                mask_Bx1xLxS: jax.Array | None, kv: tuple[jax.Array, jax.Array] | None,
@@ -163,18 +163,18 @@ class Attention(nnx.Module):
     """
     c = self.config
     dtype = x_BxLxD.dtype
-    q_BxLxNxH = jnp.einsum('BLD,DNH->BLNH', x_BxLxD, self.q_DxNxH[...].astype(dtype))
-    k_BxLxKxH = jnp.einsum('BLD,DKH->BLKH', x_BxLxD, self.k_DxKxH[...].astype(dtype))
-    v_BxLxKxH = jnp.einsum('BLD,DKH->BLKH', x_BxLxD, self.v_DxKxH[...].astype(dtype))
+    q_BxLxNxH = jnp.einsum("BLD,DNH->BLNH", x_BxLxD, self.q_DxNxH[...].astype(dtype))
+    k_BxLxKxH = jnp.einsum("BLD,DKH->BLKH", x_BxLxD, self.k_DxKxH[...].astype(dtype))
+    v_BxLxKxH = jnp.einsum("BLD,DKH->BLKH", x_BxLxD, self.v_DxKxH[...].astype(dtype))
     q_BxLxNxH = constrain(apply_rope(q_BxLxNxH, positions_BxL, c.rope_theta),
-                          ('batch', 'length', 'heads', 'kv'))
+                          ("batch", "length", "heads", "kv"))
     k_BxLxKxH = constrain(apply_rope(k_BxLxKxH, positions_BxL, c.rope_theta),
-                          ('batch', 'length', 'heads', 'kv'))
-    v_BxLxKxH = constrain(v_BxLxKxH, ('batch', 'length', 'heads', 'kv'))
+                          ("batch", "length", "heads", "kv"))
+    v_BxLxKxH = constrain(v_BxLxKxH, ("batch", "length", "heads", "kv"))
     if kv is None:
       k_BxSxKxH, v_BxSxKxH = k_BxLxKxH, v_BxLxKxH
     else:
-      names = ('batch', 'cache_length', 'heads', 'kv')
+      names = ("batch", "cache_length", "heads", "kv")
       start = (0, index, 0, 0)
       k_BxSxKxH = constrain(jax.lax.dynamic_update_slice(
           kv[0], k_BxLxKxH.astype(kv[0].dtype), start), names)
@@ -189,8 +189,8 @@ class Attention(nnx.Module):
       out_BxLxNxH = jax.nn.dot_product_attention(
           q_BxLxNxH, k_BxSxKxH.astype(dtype), v_BxSxKxH.astype(dtype), mask=mask_Bx1xLxS,
           is_causal=kv is None, implementation=impl)
-    out_BxLxNxH = constrain(out_BxLxNxH, ('batch', 'length', 'heads', 'kv'))
-    y_BxLxD = jnp.einsum('BLNH,NHD->BLD', out_BxLxNxH, self.o_NxHxD[...].astype(dtype))
+    out_BxLxNxH = constrain(out_BxLxNxH, ("batch", "length", "heads", "kv"))
+    y_BxLxD = jnp.einsum("BLNH,NHD->BLD", out_BxLxNxH, self.o_NxHxD[...].astype(dtype))
     return y_BxLxD, kv
 
 
@@ -202,10 +202,10 @@ class Mlp(nnx.Module):
     self.config = c
     self.activation = _ACTIVATIONS[c.mlp_activation]
     out_std = 0.02 / math.sqrt(2 * c.num_layers)
-    self.wi_DxF = _param(rngs, 0.02, (c.d_model, c.mlp_dim), ('embed', 'mlp'), c.param_dtype)
-    self.wg_DxF = (_param(rngs, 0.02, (c.d_model, c.mlp_dim), ('embed', 'mlp'), c.param_dtype)
+    self.wi_DxF = _param(rngs, 0.02, (c.d_model, c.mlp_dim), ("embed", "mlp"), c.param_dtype)
+    self.wg_DxF = (_param(rngs, 0.02, (c.d_model, c.mlp_dim), ("embed", "mlp"), c.param_dtype)
                    if c.gated_mlp else None)
-    self.wo_FxD = _param(rngs, out_std, (c.mlp_dim, c.d_model), ('mlp', 'embed'), c.param_dtype)
+    self.wo_FxD = _param(rngs, out_std, (c.mlp_dim, c.d_model), ("mlp", "embed"), c.param_dtype)
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     dtype = x_BxLxD.dtype
@@ -236,9 +236,9 @@ class Block(nnx.Module):
                index: jax.Array | None,
                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     y_BxLxD, kv = self.attn(self.attn_norm(x_BxLxD), positions_BxL, mask_Bx1xLxS, kv, index)
-    x_BxLxD = constrain(x_BxLxD + y_BxLxD, ('batch', 'length', 'embed'))
+    x_BxLxD = constrain(x_BxLxD + y_BxLxD, ("batch", "length", "embed"))
     x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
-    return constrain(x_BxLxD, ('batch', 'length', 'embed')), kv
+    return constrain(x_BxLxD, ("batch", "length", "embed")), kv
 
 
 def _attention_mask(q_slots_L: jax.Array, q_segment_ids_BxL: jax.Array,
@@ -257,10 +257,10 @@ class Transformer(nnx.Module):
     c = config
     self.config = c
     vp, d = c.padded_vocab_size, c.d_model
-    self.embedding_VxD = _param(rngs, 0.02, (vp, d), ('vocab', 'embed'), c.param_dtype)
+    self.embedding_VxD = _param(rngs, 0.02, (vp, d), ("vocab", "embed"), c.param_dtype)
 
     @nnx.split_rngs(splits=c.num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make_blocks(rngs: nnx.Rngs) -> Block:
       return Block(c, rngs=rngs)
 
@@ -269,7 +269,7 @@ class Transformer(nnx.Module):
     # Stored [V, D] like the embedding (and Hugging Face's lm_head), whatever
     # the kernels; `compat.upgrade_params` converts the earlier [D, V] head_DxV.
     self.head_VxD = (None if c.tie_embeddings
-                     else _param(rngs, 0.02, (vp, d), ('vocab', 'embed'), c.param_dtype))
+                     else _param(rngs, 0.02, (vp, d), ("vocab", "embed"), c.param_dtype))
 
   def hidden(self, tokens_BxL: jax.Array, *, positions_BxL: jax.Array | None = None,
              segment_ids_BxL: jax.Array | None = None, cache: KVCache | None = None,
@@ -308,12 +308,12 @@ class Transformer(nnx.Module):
       x_BxLxD = fast_lookup(table_VxD, tokens_BxL)
     else:
       x_BxLxD = jnp.take(table_VxD, tokens_BxL, axis=0)
-    x_BxLxD = constrain(x_BxLxD, ('batch', 'length', 'embed'))
+    x_BxLxD = constrain(x_BxLxD, ("batch", "length", "embed"))
 
     def layer(block, x_BxLxD, kv):
       return block(x_BxLxD, positions_BxL, mask_Bx1xLxS, kv, index)
 
-    if c.remat_policy != 'none':
+    if c.remat_policy != "none":
       layer = nnx.remat(layer, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=False)
 
     @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0), unroll=c.scan_unroll)
@@ -335,12 +335,12 @@ class Transformer(nnx.Module):
     """Float32 logits over the padded vocabulary; padded columns get PAD_LOGIT."""
     c = self.config
     dtype = h_BxLxD.dtype
-    logits_BxLxV = jnp.einsum('BLD,VD->BLV', h_BxLxD, self.output_matrix_VxD().astype(dtype),
+    logits_BxLxV = jnp.einsum("BLD,VD->BLV", h_BxLxD, self.output_matrix_VxD().astype(dtype),
                               preferred_element_type=jnp.float32)
     if c.padded_vocab_size > c.vocab_size:
       real_V = jnp.arange(c.padded_vocab_size) < c.vocab_size
       logits_BxLxV = jnp.where(real_V, logits_BxLxV, PAD_LOGIT)
-    return constrain(logits_BxLxV, ('batch', 'length', 'vocab'))
+    return constrain(logits_BxLxV, ("batch", "length", "vocab"))
 
   def __call__(self, tokens_BxL: jax.Array, *, positions_BxL: jax.Array | None = None,
                segment_ids_BxL: jax.Array | None = None, cache: KVCache | None = None,

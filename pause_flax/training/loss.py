@@ -114,9 +114,9 @@ def _fused_scan(h_BxLxD: jax.Array, head_VxD: jax.Array, targets_BxL: jax.Array,
   def body(dhead, x):
     h_GxTxD, targets_GxT, w_GxT = x
     if vocab_major:
-      logits = jnp.einsum('VD,GTD->VGT', head_VxD, h_GxTxD, preferred_element_type=f32)
+      logits = jnp.einsum("VD,GTD->VGT", head_VxD, h_GxTxD, preferred_element_type=f32)
     else:
-      logits = jnp.einsum('GTD,DV->GTV', h_GxTxD, head_DxV, preferred_element_type=f32)
+      logits = jnp.einsum("GTD,DV->GTV", h_GxTxD, head_DxV, preferred_element_type=f32)
     logits, log_z_GxT, target_logit_GxT, correct_GxT = _chunk_terms(
         logits, targets_GxT, vocab_size, v_axis)
     keep_GxT = w_GxT > 0
@@ -134,17 +134,17 @@ def _fused_scan(h_BxLxD: jax.Array, head_VxD: jax.Array, targets_BxL: jax.Array,
         - jnp.where(col == expand(targets_GxT), expand(w_GxT), 0.0),
         0.0).astype(h_GxTxD.dtype)
     if vocab_major:
-      dh = jnp.einsum('DV,VGT->DGT', head_DxV, dlogits, preferred_element_type=f32)
-      dhead = dhead + jnp.einsum('VGT,GTD->GVD', dlogits, h_GxTxD, preferred_element_type=f32)
+      dh = jnp.einsum("DV,VGT->DGT", head_DxV, dlogits, preferred_element_type=f32)
+      dhead = dhead + jnp.einsum("VGT,GTD->GVD", dlogits, h_GxTxD, preferred_element_type=f32)
     else:
-      dh = jnp.einsum('GTV,DV->GTD', dlogits, head_DxV, preferred_element_type=f32)
-      dhead = dhead + jnp.einsum('GTD,GTV->GDV', h_GxTxD, dlogits, preferred_element_type=f32)
+      dh = jnp.einsum("GTV,DV->GTD", dlogits, head_DxV, preferred_element_type=f32)
+      dhead = dhead + jnp.einsum("GTD,GTV->GDV", h_GxTxD, dlogits, preferred_element_type=f32)
     return dhead, (terms, dh.astype(h_GxTxD.dtype))
 
   dhead0 = None
   if with_grad:
-    shape, names = (((g, head_VxD.shape[0], d), ('batch', 'vocab', 'embed')) if vocab_major
-                    else ((g, d, head_VxD.shape[0]), ('batch', 'embed', 'vocab')))
+    shape, names = (((g, head_VxD.shape[0], d), ("batch", "vocab", "embed")) if vocab_major
+                    else ((g, d, head_VxD.shape[0]), ("batch", "embed", "vocab")))
     dhead0 = constrain(jnp.zeros(shape, f32), names)
   dhead, (terms, dh) = jax.lax.scan(body, dhead0, xs)
 
@@ -222,9 +222,9 @@ def fused_cross_entropy_sums(h_BxLxD: jax.Array, head_VxD: jax.Array, targets_Bx
   gradients are the same either way.
   """
   if chunk_len < 1:
-    raise ValueError(f'chunk_len={chunk_len} must be >= 1.')
+    raise ValueError(f"chunk_len={chunk_len} must be >= 1.")
   if batch_shards < 1 or h_BxLxD.shape[0] % batch_shards:
-    raise ValueError(f'batch_shards={batch_shards} must divide the batch {h_BxLxD.shape[0]}.')
+    raise ValueError(f"batch_shards={batch_shards} must divide the batch {h_BxLxD.shape[0]}.")
   vocab_size = head_VxD.shape[0] if vocab_size is None else vocab_size
   sums = _fused(h_BxLxD, head_VxD, targets_BxL, weights_BxL, float(z_loss), vocab_size,
                 chunk_len, batch_shards, bool(vocab_major))
