@@ -36,6 +36,7 @@ from flax import nnx
 
 from pause_flax.model import kernels
 from pause_flax.model.configs import (  # re-exported: callers import them from here
+    ATTENTION_IMPLS,
     TransformerConfig,
     flops_per_token,
     model_config,
