@@ -54,15 +54,15 @@ def measure(name: str, batch_size: int, args: argparse.Namespace) -> dict:
   import step_timing
 
   from pause_flax import parallel
-  from pause_flax.model import transformer
+  from pause_flax.model import kernels, transformer
   from pause_flax.training import optimizer, trainer
 
   config = transformer.model_config(name, dtype=args.dtype, max_len=args.seq_len,
                                     remat_policy=args.remat, attention_impl=args.attention)
-  attention = config.resolved_attention_impl(seq_len=args.seq_len)
   step = trainer.Trainer(
       config, optimizer.make_optimizer(optimizer.make_schedule(1e-4, 10**6)),
       parallel.make_mesh(), options=trainer.StepOptions(loss_chunk_len=args.loss_chunk_len or None))
+  attention = kernels.attention_impl(step.model_config, args.seq_len)  # as resolved for the mesh
   rates, metrics = step_timing.tokens_per_second(step, batch_size, args.seq_len, warmup=args.warmup,
                                         steps=args.steps, repeats=args.repeats)
   from pause_flax.training import metrics as metrics_lib

@@ -8,7 +8,12 @@ estimate, so a pod slice can be chosen before paying for it:
   python -m pause_flax.memory_check --model=paper_1b --devices=8 \
       --mesh=data=1,fsdp=8,tensor=1 --batch_size=16 --seq_len=2048 \
       --remat=dots --dtype=bfloat16 --device_memory_gib=32 [--accum_steps=N] \
-      [--json=out.json]
+      [--kernels=xla] [--json=out.json]
+
+The program compiled is the accelerator's: `--kernels=xla` (the default) sets
+TransformerConfig.kernels='xla', so none of the XLA:CPU-only kernels that
+'auto' would pick on these CPU devices (pause_flax/model/kernels/cpu.py) is
+in it; `--kernels=auto` or `cpu` sizes a CPU run instead.
 
 XLA (per device, from `compiled.memory_analysis()`): arguments (the state and
 the batch shard), outputs, aliased bytes (the donated state reused for the new
@@ -163,8 +168,8 @@ def _itemsize(dtype: str) -> int:
   return np.dtype(jnp.dtype(dtype)).itemsize
 
 
-def xla_memory(trainer, batch_size: int, seq_len: int) -> dict[str, int]:
-  """Compiles the train step on abstract, sharded inputs; XLA's per-device bytes."""
+def lower_step(trainer, batch_size: int, seq_len: int):
+  """The train step lowered on abstract, sharded inputs (nothing allocated or run)."""
   import jax
   import jax.numpy as jnp
 
@@ -173,7 +178,17 @@ def xla_memory(trainer, batch_size: int, seq_len: int) -> dict[str, int]:
   batch = {k: jax.ShapeDtypeStruct(
       (batch_size, seq_len), jnp.float32 if k == "decoder_loss_weights" else jnp.int32,
       sharding=trainer.batch_sharding) for k in _FEATURES}
-  stats = trainer.train_step.lower(state, batch).compile().memory_analysis()
+  return trainer.train_step.lower(state, batch)
+
+
+def compile_step(trainer, batch_size: int, seq_len: int):
+  """The train step compiled for the trainer's mesh (XLA's memory analysis is on it)."""
+  return lower_step(trainer, batch_size, seq_len).compile()
+
+
+def xla_memory(trainer, batch_size: int, seq_len: int) -> dict[str, int]:
+  """Compiles the train step; XLA's per-device bytes."""
+  stats = compile_step(trainer, batch_size, seq_len).memory_analysis()
   out = {k: int(getattr(stats, f"{k}_size_in_bytes"))
          for k in ("argument", "output", "alias", "temp", "generated_code")}
   out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"] + \
@@ -181,27 +196,40 @@ def xla_memory(trainer, batch_size: int, seq_len: int) -> dict[str, int]:
   return out
 
 
-def check(model: str, mesh_sizes: dict[str, int], batch_size: int, seq_len: int,
-          remat: str = "dots", dtype: str = "bfloat16", accum_steps: int = 1,
-          ) -> dict[str, Any]:
-  """Compiles the step for the mesh over all jax devices; the report as a dict."""
-  import jax
-
+def make_trainer(model: str, mesh_sizes: dict[str, int], batch_size: int, seq_len: int,
+                 remat: str = "dots", dtype: str = "bfloat16", accum_steps: int = 1,
+                 kernels: str = "xla"):
+  """The Trainer whose step the check compiles, over all jax devices."""
   from pause_flax import parallel
   from pause_flax.model import transformer
   from pause_flax.training import optimizer, trainer as trainer_lib
 
   mesh = parallel.make_mesh(**mesh_sizes)
-  shape = dict(mesh.shape)
   split = accum_steps * parallel.data_parallel_size(mesh)
   if batch_size % split:
     raise ValueError(f"batch_size={batch_size} must be a multiple of accum_steps x "
                      f"data x fsdp = {split}.")
-  config = transformer.model_config(model, dtype=dtype, remat_policy=remat, max_len=seq_len)
-  trainer = trainer_lib.Trainer(config, optimizer.make_optimizer(1e-4), mesh,
-                                options=trainer_lib.StepOptions(accum_steps=accum_steps))
+  config = transformer.model_config(model, dtype=dtype, remat_policy=remat, max_len=seq_len,
+                                    kernels=kernels)
+  return trainer_lib.Trainer(config, optimizer.make_optimizer(1e-4), mesh,
+                             options=trainer_lib.StepOptions(accum_steps=accum_steps))
+
+
+def check(model: str, mesh_sizes: dict[str, int], batch_size: int, seq_len: int,
+          remat: str = "dots", dtype: str = "bfloat16", accum_steps: int = 1,
+          kernels: str = "xla") -> dict[str, Any]:
+  """Compiles the step for the mesh over all jax devices; the report as a dict."""
+  import jax
+
+  from pause_flax.model import transformer
+
+  trainer = make_trainer(model, mesh_sizes, batch_size, seq_len, remat, dtype, accum_steps,
+                         kernels)
+  config = trainer.model_config  # kernels resolved for the (CPU) mesh
+  shape = dict(trainer.mesh.shape)
   return dict(model=model, mesh=shape, devices=jax.device_count(), batch_size=batch_size,
               seq_len=seq_len, remat=remat, dtype=dtype, accum_steps=accum_steps,
+              kernels=config.kernels, attention_impl=config.attention_impl,
               num_params=transformer.num_params(config),
               estimate=dataclasses.asdict(
                   analytic_estimate(config, shape, batch_size, seq_len, accum_steps)),
@@ -219,6 +247,9 @@ def format_report(report: dict[str, Any], device_memory_gib: float | None = None
       f"{report['model']} ({report['num_params'] / 1e6:.1f}M params), mesh {mesh} "
       f"({report['devices']} devices), batch {report['batch_size']} x {report['seq_len']}, "
       f"remat {report['remat']}, {report['dtype']}, accum_steps {report['accum_steps']}",
+      f"kernels {report['kernels']} (attention {report['attention_impl']}): "
+      + ("the accelerator's program, compiled on simulated CPU devices"
+         if report["kernels"] == "xla" else "a CPU run's program"),
       "",
       f"| per device ({unit}) | estimate | XLA | estimate / XLA |",
       "| --- | ---: | ---: | ---: |",
@@ -260,6 +291,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--remat", default="dots", choices=("none", "dots", "full"))
   parser.add_argument("--dtype", default="bfloat16", help="compute dtype")
   parser.add_argument("--accum_steps", type=int, default=1)
+  parser.add_argument("--kernels", default="xla", choices=("xla", "cpu", "auto"),
+                      help="TransformerConfig.kernels: xla (the accelerator's program) or the "
+                           "CPU kernels ('auto' resolves to cpu on these devices)")
   parser.add_argument("--device_memory_gib", type=float, default=None,
                       help="accelerator memory per device, for a FITS / DOES NOT FIT verdict")
   parser.add_argument("--json", default=None, help="also write the report here")
@@ -278,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
   try:
     parallel.resolve_mesh_shape(**mesh_sizes, num_devices=args.devices)
     report = check(args.model, mesh_sizes, args.batch_size, args.seq_len, args.remat,
-                   args.dtype, args.accum_steps)
+                   args.dtype, args.accum_steps, args.kernels)
   except ValueError as e:
     sys.exit(f"error: {e}")
   print(format_report(report, args.device_memory_gib))

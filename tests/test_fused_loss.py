@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pause_flax import parallel
+from pause_flax.model import kernels
 from pause_flax.model import transformer
 from pause_flax.model.transformer import PAD_LOGIT
 from pause_flax.training import loss as loss_lib
@@ -23,28 +24,28 @@ def _inputs(seed: int = 0):
   head_VxD = 0.5 * jax.random.normal(k[1], (V, D))
   targets_BxL = jax.random.randint(k[2], (B, L), 0, VOCAB)
   # Every other target is the argmax, so the accuracy count is exercised.
-  argmax_BxL = jnp.argmax(jnp.einsum('BLD,VD->BLV', h_BxLxD, head_VxD)[..., :VOCAB], axis=-1)
+  argmax_BxL = jnp.argmax(jnp.einsum("BLD,VD->BLV", h_BxLxD, head_VxD)[..., :VOCAB], axis=-1)
   targets_BxL = jnp.where(jnp.arange(L) % 2 == 0, argmax_BxL, targets_BxL)
   weights_BxL = (jax.random.uniform(k[3], (B, L)) > 0.3).astype(jnp.float32)
   return h_BxLxD, head_VxD, targets_BxL, weights_BxL
 
 
 def _plain(h_BxLxD, head_VxD, targets_BxL, weights_BxL, z_loss):
-  logits_BxLxV = jnp.einsum('BLD,VD->BLV', h_BxLxD, head_VxD)
+  logits_BxLxV = jnp.einsum("BLD,VD->BLV", h_BxLxD, head_VxD)
   logits_BxLxV = jnp.where(jnp.arange(V) < VOCAB, logits_BxLxV, PAD_LOGIT)
   return loss_lib.cross_entropy_sums(logits_BxLxV, targets_BxL, weights_BxL, z_loss)
 
 
-def _fused(h_BxLxD, head_VxD, targets_BxL, weights_BxL, z_loss, chunk_len, vocab_major=None,
+def _fused(h_BxLxD, head_VxD, targets_BxL, weights_BxL, z_loss, chunk_len, vocab_major=False,
            batch_shards=1):
   return loss_lib.fused_cross_entropy_sums(h_BxLxD, head_VxD, targets_BxL, weights_BxL, z_loss,
                                            vocab_size=VOCAB, chunk_len=chunk_len,
                                            batch_shards=batch_shards, vocab_major=vocab_major)
 
 
-@pytest.mark.parametrize('vocab_major', [False, True])
-@pytest.mark.parametrize('z_loss', [0.0, 1e-2])
-@pytest.mark.parametrize('chunk_len,batch_shards', [(1, 1), (4, 1), (13, 1), (32, 1), (4, 3)])
+@pytest.mark.parametrize("vocab_major", [False, True])
+@pytest.mark.parametrize("z_loss", [0.0, 1e-2])
+@pytest.mark.parametrize("chunk_len,batch_shards", [(1, 1), (4, 1), (13, 1), (32, 1), (4, 3)])
 def test_sums_and_gradients_equal_plain_path(z_loss, chunk_len, batch_shards, vocab_major):
   """Both chunk layouts; chunk 4 leaves a padded tail chunk; 3 shards group each row alone."""
   h, head, targets, weights = _inputs()
@@ -55,18 +56,18 @@ def test_sums_and_gradients_equal_plain_path(z_loss, chunk_len, batch_shards, vo
     np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-5,
                                err_msg=name)
   assert 0 < float(want.correct) < float(want.weight)  # the argmax count is exercised
-  argmax_BxL = jnp.argmax(jnp.einsum('BLD,VD->BLV', h, head)[..., :VOCAB], axis=-1)
+  argmax_BxL = jnp.argmax(jnp.einsum("BLD,VD->BLV", h, head)[..., :VOCAB], axis=-1)
   assert float(want.correct) == float(jnp.sum(weights * (argmax_BxL == targets)))  # no ties
 
   grad_plain = jax.grad(lambda *a: _plain(*a, z_loss).loss, (0, 1, 3))
   grad_fused = jax.jit(jax.grad(lambda h, w, t, m: fused(h, w, t, m, z_loss, chunk_len).loss,
                                 (0, 1, 3)))
-  for name, g, w in zip(('h', 'head', 'weights'), grad_fused(h, head, targets, weights),
+  for name, g, w in zip(("h", "head", "weights"), grad_fused(h, head, targets, weights),
                         grad_plain(h, head, targets, weights)):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6, err_msg=name)
 
 
-@pytest.mark.parametrize('vocab_major', [False, True])
+@pytest.mark.parametrize("vocab_major", [False, True])
 def test_zero_weight_gives_exactly_zero_gradient(vocab_major):
   h, head, targets, weights = _inputs(1)
   grad = jax.grad(lambda h, w: _fused(h, w, targets, weights, 1e-3, 4, vocab_major).loss, (0, 1))
@@ -81,7 +82,7 @@ def test_zero_weight_gives_exactly_zero_gradient(vocab_major):
   assert not np.any(dh_BxLxD) and not np.any(dhead_VxD)
 
 
-@pytest.mark.parametrize('vocab_major', [False, True])
+@pytest.mark.parametrize("vocab_major", [False, True])
 def test_gradient_flows_through_a_transposed_head(vocab_major):
   h, head, targets, weights = _inputs(2)
   matrix_DxV = head.T  # a head held transposed gets its gradient transposed back
@@ -108,20 +109,20 @@ def test_only_the_loss_has_a_gradient():
 
 def test_rejects_bad_chunk_len():
   h, head, targets, weights = _inputs()
-  with pytest.raises(ValueError, match='chunk_len'):
+  with pytest.raises(ValueError, match="chunk_len"):
     _fused(h, head, targets, weights, 0.0, 0)
 
 
-@pytest.mark.parametrize('tie', [False, True])
-@pytest.mark.parametrize('data', [1, 2])
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("data", [1, 2])
 def test_trainer_step_equals_plain_logits_path(tie, data):
-  config = dataclasses.replace(transformer.model_config('tiny'), vocab_size=250,
+  config = dataclasses.replace(transformer.model_config("tiny"), vocab_size=250,
                                tie_embeddings=tie, max_len=16)  # padded to 256
   mesh = parallel.make_mesh(data=data, fsdp=1, devices=jax.devices()[:data])
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, 250, (4, 17)).astype(np.int32)
-  batch = {'decoder_input_tokens': tokens[:, :-1], 'decoder_target_tokens': tokens[:, 1:],
-           'decoder_loss_weights': (rng.random((4, 16)) > 0.2).astype(np.float32)}
+  batch = {"decoder_input_tokens": tokens[:, :-1], "decoder_target_tokens": tokens[:, 1:],
+           "decoder_loss_weights": (rng.random((4, 16)) > 0.2).astype(np.float32)}
   results = []
   for chunk_len in (None, 5):
     step = trainer.Trainer(
@@ -132,8 +133,36 @@ def test_trainer_step_equals_plain_logits_path(tie, data):
       state, metrics = step.train_step(state, jax.device_put(batch, step.batch_sharding))
     results.append((jax.device_get(metrics), jax.device_get(state.params)))
   (metrics_plain, params_plain), (metrics_fused, params_fused) = results
-  for name in ('loss', 'cross_entropy', 'z_loss', 'accuracy', 'grad_norm'):
+  for name in ("loss", "cross_entropy", "z_loss", "accuracy", "grad_norm"):
     np.testing.assert_allclose(metrics_fused[name], metrics_plain[name], rtol=1e-5,
                                err_msg=name)
   for a, b in zip(jax.tree.leaves(params_plain), jax.tree.leaves(params_fused)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_trainer_step_cpu_kernels_equal_xla_kernels():
+  """On one batch shard kernels='cpu' takes the vocabulary-major loss layout
+  (and the CPU model kernels); two steps equal kernels='xla''s."""
+  config = dataclasses.replace(transformer.model_config("tiny"), vocab_size=250, max_len=16,
+                               gated_mlp=True, mlp_activation="silu")
+  mesh = parallel.make_mesh(data=1, fsdp=1, devices=jax.devices()[:1])
+  rng = np.random.default_rng(1)
+  tokens = rng.integers(0, 250, (4, 17)).astype(np.int32)
+  batch = {"decoder_input_tokens": tokens[:, :-1], "decoder_target_tokens": tokens[:, 1:],
+           "decoder_loss_weights": (rng.random((4, 16)) > 0.2).astype(np.float32)}
+  results = {}
+  for name in ("cpu", "xla"):
+    step = trainer.Trainer(
+        dataclasses.replace(config, kernels=name), optimizer.make_optimizer(1e-2, eps=1e-3),
+        mesh, options=trainer.StepOptions(z_loss=1e-3, loss_chunk_len=5))
+    assert step.model_config.kernels == name
+    assert kernels.loss_vocab_major(step.model_config, 1) == (name == "cpu")
+    state = step.init(0)
+    for _ in range(2):
+      state, metrics = step.train_step(state, jax.device_put(batch, step.batch_sharding))
+    results[name] = (jax.device_get(metrics), jax.device_get(state.params))
+  (metrics_cpu, params_cpu), (metrics_xla, params_xla) = results["cpu"], results["xla"]
+  for name in ("loss", "cross_entropy", "z_loss", "accuracy", "grad_norm"):
+    np.testing.assert_allclose(metrics_cpu[name], metrics_xla[name], rtol=1e-5, err_msg=name)
+  for a, b in zip(jax.tree.leaves(params_xla), jax.tree.leaves(params_cpu), strict=True):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)

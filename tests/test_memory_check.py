@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 
 from pause_flax import memory_check
 from pause_flax.model import transformer
+from pause_flax.model.kernels import cpu as cpu_kernels
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -62,7 +64,9 @@ def test_cli_report(tmp_path):
                  f"memory_check.main({args!r})")
   assert proc.returncode == 0, proc.stderr
   assert "| **total** |" in proc.stdout and "FITS in 1 GiB" in proc.stdout
+  assert "kernels xla (attention xla): the accelerator's program" in proc.stdout
   report = json.loads(out.read_text())
+  assert (report["kernels"], report["attention_impl"]) == ("xla", "xla")
   assert report["devices"] == 4 and report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
   est, xla = report["estimate"], report["xla"]
   assert all(v > 0 for v in est.values())
@@ -78,3 +82,24 @@ def test_cli_mesh_mismatch():
                  "['--model=tiny', '--devices=4', '--mesh=data=1,fsdp=8,tensor=1'])")
   assert proc.returncode != 0
   assert "8 devices, but 4 devices are available" in proc.stderr
+
+
+@pytest.mark.parametrize("kernels", ["xla", "cpu"])
+def test_compiled_program_is_the_accelerators_by_default(kernels):
+  """The default (--kernels=xla) compiles the accelerator's program on these CPU
+  devices: no CPU-only kernel (all run under cpu.SCOPE) and no optimization
+  barrier (the CPU MLP's) in it; kernels='cpu' shows both, so the check can fail."""
+  assert memory_check.parse_args([]).kernels == "xla"
+  trainer = memory_check.make_trainer("tiny", {"data": 1, "fsdp": -1, "tensor": 1},
+                                      batch_size=8, seq_len=256, dtype="float32",
+                                      kernels=kernels)
+  config = trainer.model_config
+  assert (config.kernels, config.attention_impl) == (
+      ("xla", "xla") if kernels == "xla" else ("cpu", "blocked"))
+  lowered = memory_check.lower_step(trainer, batch_size=8, seq_len=256)
+  has_barrier = "optimization_barrier" in lowered.as_text()
+  # An op's name carries its named scopes (the HLO's frame table also names
+  # source files and functions, so match op names only).
+  op_scope = re.compile(r'op_name="[^"]*\b' + cpu_kernels.SCOPE + '/')
+  has_cpu_kernels = bool(op_scope.search(lowered.compile().as_text()))
+  assert has_barrier == has_cpu_kernels == (kernels == "cpu")

@@ -1,4 +1,4 @@
-"""Tests for pause_flax.model.transformer."""
+"""Tests for pause_flax.model.transformer, configs and kernels (fast paths against plain ones)."""
 
 import dataclasses
 import functools
@@ -12,22 +12,24 @@ import pytest
 from flax import nnx
 
 from pause_flax import parallel
+from pause_flax.model import kernels
 from pause_flax.model import transformer as tfm
+from pause_flax.model.kernels import cpu as cpu_kernels
 
-TINY = tfm.model_config('tiny')
-LOGICAL = {'batch', 'length', 'embed', 'heads', 'kv', 'mlp', 'vocab', 'layers'}
+TINY = tfm.model_config("tiny")
+LOGICAL = {"batch", "length", "embed", "heads", "kv", "mlp", "vocab", "layers"}
 
 
 def _tokens(shape, seed=0, vocab=TINY.vocab_size):
   return jax.random.randint(jax.random.key(seed), shape, 0, vocab)
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def model():
   return tfm.Transformer(TINY, rngs=nnx.Rngs(0))
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def forward():
   return nnx.jit(lambda m, t, **kw: m(t, **kw))
 
@@ -40,7 +42,7 @@ def test_shapes_and_dtypes(model, forward):
   h = model.hidden(_tokens((2, 8)))
   assert h.shape == (2, 8, TINY.d_model)
 
-  cfg = dataclasses.replace(TINY, dtype='bfloat16')
+  cfg = dataclasses.replace(TINY, dtype="bfloat16")
   m16 = tfm.Transformer(cfg, rngs=nnx.Rngs(0))
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(m16, nnx.Param)))
   assert m16.hidden(_tokens((2, 8))).dtype == jnp.bfloat16
@@ -74,22 +76,56 @@ def test_causal_flag_equals_explicit_mask(model, forward):
       atol=1e-6, rtol=1e-6)
 
 
-def test_attention_impl_resolution():
-  bf16 = dataclasses.replace(TINY, dtype='bfloat16')
-  assert bf16.resolved_attention_impl('gpu') == 'cudnn'
-  assert bf16.resolved_attention_impl('cpu') == 'blocked'
-  assert TINY.resolved_attention_impl('cpu') == 'blocked'
-  assert bf16.resolved_attention_impl('tpu') == 'xla'
-  assert TINY.resolved_attention_impl('gpu') == 'xla'  # float32
-  assert dataclasses.replace(bf16, head_dim=256).resolved_attention_impl('gpu') == 'xla'
-  assert dataclasses.replace(bf16, attention_impl='xla').resolved_attention_impl('gpu') == 'xla'
-  assert dataclasses.replace(TINY, attention_impl='cudnn').resolved_attention_impl('cpu') == 'cudnn'
-  # cuDNN's training kernels take even lengths only.
-  assert bf16.resolved_attention_impl('gpu', seq_len=37) == 'xla'
-  assert bf16.resolved_attention_impl('gpu', seq_len=38) == 'cudnn'
+def _resolved(config, platform):
+  r = kernels.resolve(config, platform)
+  return r.kernels, r.attention_impl
 
 
-@pytest.mark.parametrize('length, block_len, kv_heads, packed', [
+def test_kernels_resolution():
+  bf16 = dataclasses.replace(TINY, dtype="bfloat16")
+  assert _resolved(bf16, "gpu") == ("xla", "cudnn")
+  assert _resolved(bf16, "cpu") == ("cpu", "blocked")
+  assert _resolved(TINY, "cpu") == ("cpu", "blocked")
+  assert _resolved(bf16, "tpu") == ("xla", "xla")
+  assert _resolved(TINY, "gpu") == ("xla", "xla")  # float32
+  assert _resolved(dataclasses.replace(bf16, head_dim=256), "gpu") == ("xla", "xla")
+  # Explicit settings are kept: the accelerator's program on CPU, CPU kernels anywhere.
+  assert _resolved(dataclasses.replace(TINY, kernels="xla"), "cpu") == ("xla", "xla")
+  assert _resolved(dataclasses.replace(bf16, kernels="cpu"), "gpu") == ("cpu", "blocked")
+  assert _resolved(dataclasses.replace(bf16, attention_impl="xla"), "gpu") == ("xla", "xla")
+  assert _resolved(dataclasses.replace(TINY, attention_impl="cudnn"), "cpu") == ("cpu", "cudnn")
+  assert _resolved(dataclasses.replace(TINY, attention_impl="blocked"), "tpu") == ("xla", "blocked")
+  resolved = kernels.resolve(bf16, "gpu")
+  assert kernels.resolve(resolved, "cpu") == resolved  # resolving twice changes nothing
+  # cuDNN's training kernels take even lengths only; decoding with a cache is always xla.
+  assert kernels.attention_impl(resolved, 37) == "xla"
+  assert kernels.attention_impl(resolved, 38) == "cudnn"
+  assert kernels.attention_impl(resolved, 38, cached=True) == "xla"
+  # Unresolved 'auto' runs the plain layers.
+  assert kernels.get(TINY) is kernels.BACKENDS["xla"]
+  assert kernels.attention_impl(TINY, 38) == "xla"
+  assert kernels.loss_vocab_major(kernels.resolve(TINY, "cpu"), batch_shards=1)
+  assert not kernels.loss_vocab_major(kernels.resolve(TINY, "cpu"), batch_shards=2)
+  assert not kernels.loss_vocab_major(kernels.resolve(TINY, "gpu"), batch_shards=1)
+
+
+def test_kernels_resolve_from_the_mesh_platform():
+  mesh = parallel.make_mesh(data=2, fsdp=1, devices=jax.devices()[:2])
+  assert kernels.platform(mesh) == jax.devices()[0].platform
+  assert kernels.resolve(TINY, kernels.platform(mesh)).kernels == (
+      "cpu" if kernels.platform(mesh) == "cpu" else "xla")
+
+
+def test_no_default_backend_choices_in_the_model():
+  """Kernels follow the resolved setting, not the process's default backend."""
+  root = pathlib.Path(__file__).parents[1] / "pause_flax"
+  files = [*(root / "model").rglob("*.py"), root / "training" / "loss.py"]
+  assert len(files) > 5
+  for path in files:
+    assert "default_backend" not in path.read_text(), path
+
+
+@pytest.mark.parametrize("length, block_len, kv_heads, packed", [
     (37, 16, 2, False),   # odd length: a ragged last block; grouped-query heads
     (37, 16, 4, True),    # packed segments narrow the causal mask
     (64, None, 1, True),  # the default block (64) is the whole sequence; multi-query
@@ -108,33 +144,60 @@ def test_blocked_attention_equals_dot_product_attention(length, block_len, kv_he
   probe = jax.random.normal(keys[3], q.shape)
 
   def xla(q, k, v):
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation='xla')
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="xla")
 
   def blocked(q, k, v):
-    return tfm.blocked_causal_attention(q, k, v, mask, block_len=block_len)
+    return kernels.blocked_causal_attention(q, k, v, mask, block_len=block_len)
 
   np.testing.assert_allclose(blocked(q, k, v), xla(q, k, v), atol=2e-6, rtol=1e-5)
   grads = [jax.grad(lambda *a: jnp.sum(f(*a) * probe), (0, 1, 2))(q, k, v)
            for f in (blocked, xla)]
-  for name, got, want in zip('qkv', *grads):
+  for name, got, want in zip("qkv", *grads):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=name)
 
 
-def test_blocked_attention_is_the_cpu_default_and_equals_xla_in_the_model():
-  assert TINY.resolved_attention_impl('cpu') == 'blocked'
+@pytest.mark.parametrize("gated, packed", [(True, False), (False, True)])
+def test_cpu_kernels_equal_xla_kernels_in_the_model(gated, packed):
+  """The whole CPU path (blocked attention, recomputing MLP, delayed embedding
+  gradient) equals the plain layers: logits and every parameter's gradient."""
+  cfg = dataclasses.replace(TINY, gated_mlp=gated, mlp_activation="silu" if gated else "gelu")
+  cpu = kernels.resolve(dataclasses.replace(cfg, kernels="cpu"), "cpu")
+  xla = kernels.resolve(dataclasses.replace(cfg, kernels="xla"), "cpu")
+  assert (cpu.kernels, cpu.attention_impl, xla.kernels, xla.attention_impl) == \
+      ("cpu", "blocked", "xla", "xla")
   tokens = _tokens((2, 70))
-  blocked = tfm.Transformer(dataclasses.replace(TINY, attention_impl='blocked'), rngs=nnx.Rngs(0))
-  xla = tfm.Transformer(dataclasses.replace(TINY, attention_impl='xla'), rngs=nnx.Rngs(0))
-  np.testing.assert_allclose(blocked(tokens), xla(tokens), atol=1e-5, rtol=1e-5)
+  kwargs = {}
+  if packed:
+    kwargs["segment_ids_BxL"] = jnp.array([[1] * 30 + [2] * 40, [1] * 65 + [0] * 5])
+  probe = jax.random.normal(jax.random.key(5), (2, 70, TINY.padded_vocab_size))
+
+  def loss(model):
+    return jnp.sum(model(tokens, **kwargs)[..., :TINY.vocab_size] * probe[..., :TINY.vocab_size])
+
+  results = []
+  for c in (cpu, xla):
+    model = tfm.Transformer(c, rngs=nnx.Rngs(0))
+    results.append((model(tokens, **kwargs), nnx.grad(loss)(model)))
+  (logits_cpu, grads_cpu), (logits_xla, grads_xla) = results
+  np.testing.assert_allclose(logits_cpu, logits_xla, atol=1e-5, rtol=1e-5)
+  grads_cpu, grads_xla = nnx.to_flat_state(grads_cpu), nnx.to_flat_state(grads_xla)
+  assert [p for p, _ in grads_cpu] == [p for p, _ in grads_xla]
+  for (path, a), (_, b) in zip(grads_cpu, grads_xla):
+    np.testing.assert_allclose(a[...], b[...], atol=1e-5, rtol=1e-4, err_msg=str(path))
+  # Same parameters whatever the kernels: a checkpoint moves between backends.
+  shapes = lambda c: jax.tree.map(lambda x: (x.shape, x.dtype), nnx.to_pure_dict(
+      nnx.state(nnx.eval_shape(lambda: tfm.Transformer(c, rngs=nnx.Rngs(0))))))
+  assert shapes(cpu) == shapes(xla)
 
 
-@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN attention needs an NVIDIA GPU')
-@pytest.mark.parametrize('length, packed', [(64, False), (37, False), (38, True), (37, True)])
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")
+@pytest.mark.parametrize("length, packed", [(64, False), (37, False), (38, True), (37, True)])
 def test_cudnn_attention_matches_xla(length, packed):
   """'auto' (cuDNN, or XLA at odd lengths) equals 'xla', forward and gradient."""
-  cfg = dataclasses.replace(TINY, dtype='bfloat16', d_model=128, num_heads=2)
-  assert cfg.resolved_attention_impl(seq_len=length) == ('xla' if length % 2 else 'cudnn')
-  xla = tfm.Transformer(dataclasses.replace(cfg, attention_impl='xla'), rngs=nnx.Rngs(0))
+  cfg = kernels.resolve(dataclasses.replace(TINY, dtype="bfloat16", d_model=128, num_heads=2),
+                        "gpu")
+  assert kernels.attention_impl(cfg, length) == ("xla" if length % 2 else "cudnn")
+  xla = tfm.Transformer(dataclasses.replace(cfg, attention_impl="xla"), rngs=nnx.Rngs(0))
   cudnn = tfm.Transformer(cfg, rngs=nnx.Rngs(0))
   tokens = _tokens((2, length))
   kwargs = {}
@@ -165,13 +228,24 @@ def test_cudnn_attention_matches_xla(length, packed):
 
 
 def _plain_mlp(activation, x, wi, wg, wo):
-  return tfm._mlp_hidden(activation, x @ wi, None if wg is None else x @ wg) @ wo
+  """The plain layer's MLP (tfm.Mlp with kernels='xla')."""
+  h = activation(x @ wi)
+  return (h if wg is None else h * (x @ wg)) @ wo
 
 
-@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
-@pytest.mark.parametrize('activation,gated', [('silu', True), ('gelu', False)])
-def test_mlp_recomputing_hidden_equals_autodiff(dtype, activation, gated):
-  """The CPU MLP (hidden layer recomputed in the backward) = the plain one."""
+def test_plain_mlp_is_the_model_layer():
+  cfg = dataclasses.replace(TINY, kernels="xla", gated_mlp=True, mlp_activation="silu")
+  mlp = tfm.Mlp(cfg, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (2, 5, cfg.d_model))
+  np.testing.assert_allclose(
+      mlp(x), _plain_mlp(jax.nn.silu, x, mlp.wi_DxF[...], mlp.wg_DxF[...], mlp.wo_FxD[...]),
+      rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("activation,gated", [("silu", True), ("gelu", False)])
+def test_cpu_mlp_equals_plain_mlp(dtype, activation, gated):
+  """The CPU MLP (hidden layer recomputed in the backward) = the plain one, values and VJP."""
   act = tfm._ACTIVATIONS[activation]
   kx, ki, kg, ko, kd = jax.random.split(jax.random.key(3), 5)
   x = jax.random.normal(kx, (2, 5, 16), dtype)
@@ -179,20 +253,16 @@ def test_mlp_recomputing_hidden_equals_autodiff(dtype, activation, gated):
   wg = jax.random.normal(kg, (16, 48), dtype) / 4 if gated else None
   wo = jax.random.normal(ko, (48, 16), dtype) / 7
   dy = jax.random.normal(kd, (2, 5, 16), dtype)
-  mlp = functools.partial(tfm._mlp_recomputing_hidden, act)
+  mlp = functools.partial(cpu_kernels.mlp, act)
   np.testing.assert_array_equal(mlp(x, wi, wg, wo), _plain_mlp(act, x, wi, wg, wo))
   got = jax.jit(lambda *a: jax.vjp(mlp, *a)[1](dy))(x, wi, wg, wo)
   want = jax.vjp(functools.partial(_plain_mlp, act), x, wi, wg, wo)[1](dy)
-  # The other backends' path: the forward rule's output under plain autodiff.
-  other = jax.vjp(lambda *a: tfm._mlp_recomputing_fwd(act, *a)[0], x, wi, wg, wo)[1](dy)
-  assert (got[2] is None) == (want[2] is None) == (other[2] is None) == (not gated)
-  tol = 1e-5 if dtype == 'float32' else 2e-2
-  for g, o, r in zip(jax.tree.leaves(got), jax.tree.leaves(other), jax.tree.leaves(want),
-                     strict=True):
-    for x_ in (g, o):
-      assert x_.dtype == r.dtype and x_.shape == r.shape
-      np.testing.assert_allclose(np.asarray(x_, np.float32), np.asarray(r, np.float32),
-                                 rtol=tol, atol=tol)
+  assert (got[2] is None) == (want[2] is None) == (not gated)
+  tol = 1e-5 if dtype == "float32" else 2e-2
+  for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    assert g.dtype == r.dtype and g.shape == r.shape
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32),
+                               rtol=tol, atol=tol)
 
 
 def _grad_temp_bytes(f, *args) -> int:
@@ -200,8 +270,8 @@ def _grad_temp_bytes(f, *args) -> int:
   return jax.jit(jax.grad(f, argnums)).lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 
-@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='an XLA:CPU scheduling property')
-def test_mlp_recomputing_hidden_keeps_fewer_buffers_for_the_backward():
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:CPU scheduling property")
+def test_cpu_mlp_keeps_fewer_buffers_for_the_backward():
   """Two stacked MLPs: the first one's saved hidden layers live through the
   second's forward and backward; recomputing keeps >= 3 fewer [B*L, F] there."""
   x = jnp.ones((4, 128, 64))
@@ -212,25 +282,25 @@ def test_mlp_recomputing_hidden_keeps_fewer_buffers_for_the_backward():
                             x, p, p, 0)
 
   plain = temp(functools.partial(_plain_mlp, jax.nn.silu))
-  recomputing = temp(functools.partial(tfm._mlp_recomputing_hidden, jax.nn.silu))
+  recomputing = temp(functools.partial(cpu_kernels.mlp, jax.nn.silu))
   hidden_bytes = 4 * 128 * 256 * 4
   assert recomputing <= plain - 3 * hidden_bytes, (plain, recomputing)
 
 
-def test_embed_lookup_gradient_equals_take():
+def test_cpu_embed_lookup_gradient_equals_take():
   table = jax.random.normal(jax.random.key(0), (50, 8))
   tokens = jnp.array([[3, 7, 3, 49], [0, 7, 7, 12]])
   dx = jax.random.normal(jax.random.key(1), (2, 4, 8))
-  np.testing.assert_array_equal(tfm._embed_lookup(50, table, tokens),
+  np.testing.assert_array_equal(cpu_kernels.embed_lookup(table, tokens),
                                 jnp.take(table, tokens, axis=0))
-  got = jax.vjp(lambda t: tfm._embed_lookup(50, t, tokens), table)[1](dx)[0]
+  got = jax.vjp(lambda t: cpu_kernels.embed_lookup(t, tokens), table)[1](dx)[0]
   want = jax.vjp(lambda t: jnp.take(t, tokens, axis=0), table)[1](dx)[0]
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
   assert float(jnp.abs(got[jnp.array([1, 2, 4])]).max()) == 0.0  # rows no token reads
 
 
-@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='an XLA:CPU scheduling property')
-def test_embed_lookup_gradient_fill_is_not_live_through_the_forward():
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:CPU scheduling property")
+def test_cpu_embed_lookup_gradient_fill_is_not_live_through_the_forward():
   """The [V, D] gradient's zero fill waits for d x, so its memory reuses the
   layers' freed buffers instead of adding to the peak."""
   table, w = jnp.ones((4096, 64)), jnp.ones((64, 512))
@@ -245,7 +315,7 @@ def test_embed_lookup_gradient_fill_is_not_live_through_the_forward():
     return _grad_temp_bytes(f, table, w, tokens)
 
   plain = temp(lambda t, i: jnp.take(t, i, axis=0))
-  delayed = temp(lambda t, i: tfm._embed_lookup(t.shape[0], t, i))
+  delayed = temp(cpu_kernels.embed_lookup)
   assert delayed <= plain - 0.9 * table.nbytes, (plain, delayed)
 
 
@@ -256,8 +326,8 @@ def test_grouped_query_attention_equals_repeated_kv_heads():
   assert tfm.num_params(gqa_cfg) < tfm.num_params(TINY)
   # The same weights with each k/v head repeated for its group of query heads.
   pure = nnx.to_pure_dict(nnx.state(gqa))
-  for name in ('k_DxKxH', 'v_DxKxH'):
-    pure['blocks']['attn'][name] = jnp.repeat(pure['blocks']['attn'][name], 2, axis=2)
+  for name in ("k_DxKxH", "v_DxKxH"):
+    pure["blocks"]["attn"][name] = jnp.repeat(pure["blocks"]["attn"][name], 2, axis=2)
   mha = tfm.Transformer(TINY, rngs=nnx.Rngs(2))
   mha_state = nnx.state(mha)
   nnx.replace_by_pure_dict(mha_state, pure)
@@ -266,7 +336,7 @@ def test_grouped_query_attention_equals_repeated_kv_heads():
   np.testing.assert_allclose(gqa(tokens), mha(tokens), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize('tie', [False, True])
+@pytest.mark.parametrize("tie", [False, True])
 def test_padded_vocab_never_wins(tie):
   cfg = dataclasses.replace(TINY, tie_embeddings=tie)
   m = tfm.Transformer(cfg, rngs=nnx.Rngs(0))
@@ -292,7 +362,7 @@ def test_tiny_param_count(model):
   assert counted == tfm.num_params(tied, include_padding=True)
 
 
-@pytest.mark.parametrize('name,paper', [('paper_130m', 136e6), ('paper_1b', 1.34e9)])
+@pytest.mark.parametrize("name,paper", [("paper_130m", 136e6), ("paper_1b", 1.34e9)])
 def test_paper_param_counts_abstract(name, paper):
   cfg = tfm.model_config(name)
   abstract = nnx.eval_shape(lambda: tfm.Transformer(cfg, rngs=nnx.Rngs(0)))
@@ -303,7 +373,7 @@ def test_paper_param_counts_abstract(name, paper):
 
 
 def test_flops_per_token_formula():
-  cfg = tfm.model_config('paper_1b')
+  cfg = tfm.model_config("paper_1b")
   d, v = cfg.d_model, cfg.padded_vocab_size
   # Matmul weights = all params - embedding table - norm scales (the head stays).
   n_matmul = (tfm.num_params(cfg, include_padding=True) - v * d
@@ -314,10 +384,10 @@ def test_flops_per_token_formula():
 
 def test_every_param_has_logical_names(model):
   def check(path, var):
-    names = var.get_metadata().get('out_sharding')
+    names = var.get_metadata().get("out_sharding")
     assert names is not None and len(names) == var.ndim, (path, names, var.shape)
     assert set(names) <= LOGICAL, (path, names)
-    assert (path[0] == 'blocks') == (names[0] == 'layers'), (path, names)
+    assert (path[0] == "blocks") == (names[0] == "layers"), (path, names)
 
   params = nnx.state(model, nnx.Param)
   jax.tree.map_with_path(lambda p, v: check(tuple(k.key for k in p), v), params,
@@ -331,10 +401,10 @@ def test_sharded_forward_matches_unsharded(model, forward):
   shardings = parallel.state_shardings(abstract_state, mesh)
   state = jax.jit(lambda: nnx.state(tfm.Transformer(TINY, rngs=nnx.Rngs(0))),
                   out_shardings=shardings)()
-  emb = state['embedding_VxD'][...]
-  assert emb.sharding.spec == jax.sharding.PartitionSpec('tensor', 'fsdp')
-  assert state['blocks']['mlp']['wi_DxF'][...].sharding.spec == \
-      jax.sharding.PartitionSpec(None, 'fsdp', 'tensor')
+  emb = state["embedding_VxD"][...]
+  assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+  assert state["blocks"]["mlp"]["wi_DxF"][...].sharding.spec == \
+      jax.sharding.PartitionSpec(None, "fsdp", "tensor")
 
   tokens = _tokens((4, 16))
   tokens = jax.device_put(tokens, parallel.batch_sharding(mesh))
@@ -351,30 +421,32 @@ def test_sharded_forward_matches_unsharded(model, forward):
 def test_remat_policies_identical():
   tokens = _tokens((2, 8))
   results = {}
-  for policy in ('none', 'full', 'dots'):
+  for policy in ("none", "full", "dots"):
     m = tfm.Transformer(dataclasses.replace(TINY, remat_policy=policy), rngs=nnx.Rngs(3))
     loss, grads = nnx.value_and_grad(lambda m: jnp.mean(m(tokens)[..., :TINY.vocab_size]))(m)
     results[policy] = (loss, grads)
-  for policy in ('full', 'dots'):
-    np.testing.assert_allclose(results[policy][0], results['none'][0], rtol=1e-6)
+  for policy in ("full", "dots"):
+    np.testing.assert_allclose(results[policy][0], results["none"][0], rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5),
-                 results[policy][1], results['none'][1])
+                 results[policy][1], results["none"][1])
 
 
 def test_bad_config_fails_clearly():
-  with pytest.raises(ValueError, match='num_kv_heads'):
+  with pytest.raises(ValueError, match="num_kv_heads"):
     dataclasses.replace(TINY, num_kv_heads=3)
-  with pytest.raises(ValueError, match='remat_policy'):
-    dataclasses.replace(TINY, remat_policy='some')
+  with pytest.raises(ValueError, match="remat_policy"):
+    dataclasses.replace(TINY, remat_policy="some")
   with pytest.raises(ValueError, match="attention_impl='flash'; choose one of"):
-    dataclasses.replace(TINY, attention_impl='flash')
-  with pytest.raises(ValueError, match='Unknown model config'):
-    tfm.model_config('paper_7b')
+    dataclasses.replace(TINY, attention_impl="flash")
+  with pytest.raises(ValueError, match="kernels='tpu'; choose one of"):
+    dataclasses.replace(TINY, kernels="tpu")
+  with pytest.raises(ValueError, match="Unknown model config"):
+    tfm.model_config("paper_7b")
 
 
-@pytest.mark.parametrize('name', ['tiny', 'paper_130m', 'paper_1b', 'bench_4l'])
+@pytest.mark.parametrize("name", ["tiny", "paper_130m", "paper_1b", "bench_4l"])
 def test_model_gin_files(name):
-  path = pathlib.Path(__file__).parents[1] / 'gin_configs' / 'models' / f'{name}.gin'
+  path = pathlib.Path(__file__).parents[1] / "gin_configs" / "models" / f"{name}.gin"
   gin.clear_config()
   try:
     gin.parse_config_file(str(path))
@@ -382,7 +454,15 @@ def test_model_gin_files(name):
   finally:
     gin.clear_config()
   assert cfg == tfm.model_config(name)
-  if name == 'bench_4l':
+  if name == "bench_4l":
     assert (cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.resolved_head_dim, cfg.mlp_dim,
             cfg.mlp_activation, cfg.gated_mlp, cfg.tie_embeddings, cfg.vocab_size) == \
-        (4, 256, 4, 64, 1024, 'silu', True, False, 32000)
+        (4, 256, 4, 64, 1024, "silu", True, False, 32000)
+
+
+def test_configs_are_reexported_from_transformer():
+  from pause_flax.model import configs
+  assert tfm.TransformerConfig is configs.TransformerConfig
+  assert tfm.num_params is configs.num_params
+  assert tfm.flops_per_token is configs.flops_per_token
+  assert tfm.model_config is configs.model_config

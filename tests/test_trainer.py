@@ -18,6 +18,11 @@ PAUSE = 299
 CONFIG = dataclasses.replace(transformer.model_config("tiny"), vocab_size=300, max_len=32)
 
 
+def mean_loss(sums: loss_lib.LossSums) -> jax.Array:
+  """sum(w * CE) / sum(w), as the train step reports it."""
+  return sums.loss / jnp.maximum(sums.weight, 1e-8)
+
+
 def make_batch(batch_size=8, length=16, seed=0, pause_rate=0.15):
   rng = np.random.default_rng(seed)
   tokens = rng.integers(3, 250, size=(batch_size, length + 1)).astype(np.int32)
@@ -50,7 +55,7 @@ def test_gradient_is_exactly_zero_at_pause_targets_and_padding():
   logits = model(jnp.asarray(batch["decoder_input_tokens"]))
 
   def loss_of_logits(lg):
-    return loss_lib.mean_loss(loss_lib.cross_entropy_sums(
+    return mean_loss(loss_lib.cross_entropy_sums(
         lg, jnp.asarray(batch["decoder_target_tokens"]),
         jnp.asarray(batch["decoder_loss_weights"]), z_loss=1e-4))
 
@@ -69,7 +74,7 @@ def test_loss_is_weighted_mean_of_cross_entropy():
   logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   ce = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
   expected = (ce * weights).sum() / weights.sum()
-  got = loss_lib.mean_loss(loss_lib.cross_entropy_sums(logits, targets, weights))
+  got = mean_loss(loss_lib.cross_entropy_sums(logits, targets, weights))
   np.testing.assert_allclose(got, expected, rtol=1e-6)
 
 
@@ -167,3 +172,12 @@ def test_bad_optimizer_settings_raise():
     optimizer_lib.make_schedule(1.0, 10, warmup_steps=20)
   with pytest.raises(ValueError, match="clip_norm=0"):
     optimizer_lib.make_optimizer(1.0, clip_norm=0)
+
+
+def test_trainer_resolves_kernels_for_its_mesh():
+  mesh = parallel.make_mesh(devices=jax.devices()[:1])
+  platform = mesh.devices.flat[0].platform
+  assert make_trainer(mesh).model_config.kernels == ("cpu" if platform == "cpu" else "xla")
+  tx = optimizer_lib.make_optimizer(1e-2)
+  explicit = trainer_lib.Trainer(dataclasses.replace(CONFIG, kernels="xla"), tx, mesh)
+  assert (explicit.model_config.kernels, explicit.model_config.attention_impl) == ("xla", "xla")

@@ -416,6 +416,25 @@ class SavedModel:
     return nnx.merge(self.graphdef, self.params)
 
 
+def _restore_upgrading(ckpt: Checkpointer, step: int, target: Any, shardings: Any) -> Any:
+  """Parameters onto `target`; a checkpoint of an earlier release (its output
+  head stored [D, V] as `head_DxV`) is restored in that layout and converted."""
+  from pause_flax.model import compat  # pylint: disable=g-import-not-at-top
+  saved = ckpt.manager.item_metadata(step)[PARAMS]
+  if not (hasattr(saved, "keys") and "head_DxV" in saved.keys()):
+    return ckpt.restore_params(step, target)
+  old = {k: v for k, v in target.items() if k != "head_VxD"}
+  head = target["head_VxD"]
+  spec = getattr(head.sharding, "spec", None)
+  sharding = (jax.sharding.NamedSharding(head.sharding.mesh, jax.sharding.PartitionSpec(
+      *reversed(tuple(spec) + (None,) * (2 - len(spec))))) if spec is not None
+              else head.sharding)
+  old["head_DxV"] = jax.ShapeDtypeStruct(head.shape[::-1], head.dtype, sharding=sharding)
+  upgraded = compat.upgrade_params(ckpt.restore_params(step, old))
+  logging.info("Converted %s/%d from the earlier head_DxV layout.", ckpt.directory, step)
+  return jax.device_put(upgraded, shardings)
+
+
 def restore_model_params(path: str, *, step: int | None = None,
                          mesh: jax.sharding.Mesh | None = None, rules: Any = None,
                          model_config: Any = None) -> SavedModel:
@@ -455,7 +474,7 @@ def restore_model_params(path: str, *, step: int | None = None,
           state, mesh, parallel.DEFAULT_RULES if rules is None else rules))
     target = abstract_with_shardings(nnx.to_pure_dict(state), shardings)
     try:
-      params = ckpt.restore_params(step, target)
+      params = _restore_upgrading(ckpt, step, target, shardings)
     except Exception as e:
       if model_config is None:
         raise

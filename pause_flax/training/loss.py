@@ -53,11 +53,6 @@ def cross_entropy_sums(logits_BxLxV: jax.Array, targets_BxL: jax.Array,
                   correct=jnp.sum(w * correct_BxL), weight=jnp.sum(w))
 
 
-def mean_loss(sums: LossSums) -> jax.Array:
-  """sum(w * CE) / sum(w); 0 for a batch with no weighted targets."""
-  return sums.loss / jnp.maximum(sums.weight, 1e-8)
-
-
 # ---------------------------------------------------------------------------
 # Fused output projection + cross-entropy.
 
@@ -92,9 +87,9 @@ def _fused_scan(h_BxLxD: jax.Array, head_VxD: jax.Array, targets_BxL: jax.Array,
   batch-sharded step reduces it over devices once, not once per chunk.
 
   `vocab_major` lays a chunk's logits out as [V, G, T] and accumulates d head
-  transposed, [G, V, D]: the three matmuls then take their large operand
-  (the output matrix or the logits) in the order XLA:CPU multiplies fastest
-  (alone, ~1.3x the row-major [G, T, V] layout's speed on one device).
+  as [G, V, D], the parameter's own layout: the three matmuls then take their
+  large operand (the output matrix or the logits) in the order XLA:CPU
+  multiplies fastest, and the gradient needs no transposed copy.
   """
   b, l, d = h_BxLxD.shape
   g = batch_shards
@@ -119,9 +114,9 @@ def _fused_scan(h_BxLxD: jax.Array, head_VxD: jax.Array, targets_BxL: jax.Array,
   def body(dhead, x):
     h_GxTxD, targets_GxT, w_GxT = x
     if vocab_major:
-      logits = jnp.einsum('VD,GTD->VGT', head_VxD, h_GxTxD, preferred_element_type=f32)
+      logits = jnp.einsum("VD,GTD->VGT", head_VxD, h_GxTxD, preferred_element_type=f32)
     else:
-      logits = jnp.einsum('GTD,DV->GTV', h_GxTxD, head_DxV, preferred_element_type=f32)
+      logits = jnp.einsum("GTD,DV->GTV", h_GxTxD, head_DxV, preferred_element_type=f32)
     logits, log_z_GxT, target_logit_GxT, correct_GxT = _chunk_terms(
         logits, targets_GxT, vocab_size, v_axis)
     keep_GxT = w_GxT > 0
@@ -139,17 +134,17 @@ def _fused_scan(h_BxLxD: jax.Array, head_VxD: jax.Array, targets_BxL: jax.Array,
         - jnp.where(col == expand(targets_GxT), expand(w_GxT), 0.0),
         0.0).astype(h_GxTxD.dtype)
     if vocab_major:
-      dh = jnp.einsum('DV,VGT->DGT', head_DxV, dlogits, preferred_element_type=f32)
-      dhead = dhead + jnp.einsum('VGT,GTD->GVD', dlogits, h_GxTxD, preferred_element_type=f32)
+      dh = jnp.einsum("DV,VGT->DGT", head_DxV, dlogits, preferred_element_type=f32)
+      dhead = dhead + jnp.einsum("VGT,GTD->GVD", dlogits, h_GxTxD, preferred_element_type=f32)
     else:
-      dh = jnp.einsum('GTV,DV->GTD', dlogits, head_DxV, preferred_element_type=f32)
-      dhead = dhead + jnp.einsum('GTD,GTV->GDV', h_GxTxD, dlogits, preferred_element_type=f32)
+      dh = jnp.einsum("GTV,DV->GTD", dlogits, head_DxV, preferred_element_type=f32)
+      dhead = dhead + jnp.einsum("GTD,GTV->GDV", h_GxTxD, dlogits, preferred_element_type=f32)
     return dhead, (terms, dh.astype(h_GxTxD.dtype))
 
   dhead0 = None
   if with_grad:
-    shape, names = (((g, head_VxD.shape[0], d), ('batch', 'vocab', 'embed')) if vocab_major
-                    else ((g, d, head_VxD.shape[0]), ('batch', 'embed', 'vocab')))
+    shape, names = (((g, head_VxD.shape[0], d), ("batch", "vocab", "embed")) if vocab_major
+                    else ((g, d, head_VxD.shape[0]), ("batch", "embed", "vocab")))
     dhead0 = constrain(jnp.zeros(shape, f32), names)
   dhead, (terms, dh) = jax.lax.scan(body, dhead0, xs)
 
@@ -207,7 +202,7 @@ def fused_cross_entropy_sums(h_BxLxD: jax.Array, head_VxD: jax.Array, targets_Bx
                              weights_BxL: jax.Array, z_loss: float = 0.0, *,
                              vocab_size: int | None = None, chunk_len: int = 32,
                              batch_shards: int = 1,
-                             vocab_major: bool | None = None) -> LossSums:
+                             vocab_major: bool = False) -> LossSums:
   """`cross_entropy_sums(h @ head.T, ...)` without materialising the [B, L, V] logits.
 
   `head_VxD` is the output projection stored like an embedding, [padded V, D].
@@ -221,19 +216,16 @@ def fused_cross_entropy_sums(h_BxLxD: jax.Array, head_VxD: jax.Array, targets_Bx
   ce, z, correct and weight are statistics. `batch_shards` is how many ways the
   batch is sharded (a divisor of B); under `parallel.activation_sharding` the
   per-shard partial d head stays on its devices until one final reduction.
-  `vocab_major` lays each chunk's logits out vocabulary-first. The default
-  (None) takes it on the CPU backend with an unsharded batch, where it measured
-  ~4% faster per train step of `bench_4l`; with the batch split over
-  simulated CPU devices the row-major order measured ~5% faster. The sums and
+  `vocab_major` lays each chunk's logits out vocabulary-first, the faster
+  order on XLA:CPU for an unsharded batch (the Trainer asks
+  `kernels.loss_vocab_major`; figures in benchmarks/README.md). The sums and
   gradients are the same either way.
   """
   if chunk_len < 1:
-    raise ValueError(f'chunk_len={chunk_len} must be >= 1.')
+    raise ValueError(f"chunk_len={chunk_len} must be >= 1.")
   if batch_shards < 1 or h_BxLxD.shape[0] % batch_shards:
-    raise ValueError(f'batch_shards={batch_shards} must divide the batch {h_BxLxD.shape[0]}.')
+    raise ValueError(f"batch_shards={batch_shards} must divide the batch {h_BxLxD.shape[0]}.")
   vocab_size = head_VxD.shape[0] if vocab_size is None else vocab_size
-  if vocab_major is None:
-    vocab_major = jax.default_backend() == 'cpu' and batch_shards == 1
   sums = _fused(h_BxLxD, head_VxD, targets_BxL, weights_BxL, float(z_loss), vocab_size,
                 chunk_len, batch_shards, bool(vocab_major))
   return LossSums(loss=sums.loss, ce=jax.lax.stop_gradient(sums.ce),

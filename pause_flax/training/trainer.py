@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pause_flax import parallel
+from pause_flax.model import kernels
 from pause_flax.model import transformer as transformer_lib
 from pause_flax.training import loss as loss_lib
 
@@ -56,6 +57,8 @@ class Trainer:
       raise ValueError(f"accum_steps={options.accum_steps} must be >= 1.")
     if options.loss_chunk_len is not None and options.loss_chunk_len < 1:
       raise ValueError(f"loss_chunk_len={options.loss_chunk_len} must be >= 1 or None.")
+    # The backend-specific kernels, resolved once for the mesh's platform.
+    model_config = kernels.resolve(model_config, kernels.platform(mesh))
     self.model_config = model_config
     self.optimizer = optimizer
     self.mesh = mesh
@@ -117,6 +120,7 @@ class Trainer:
   def _loss_sums(self, params: Any, batch: Batch) -> loss_lib.LossSums:
     model = self.model(params)
     targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
+    batch_shards = parallel.data_parallel_size(self.mesh, self.rules)
     with parallel.activation_sharding(self.mesh, self.rules):
       h_BxLxD = model.hidden(batch["decoder_input_tokens"],
                              positions_BxL=batch.get("decoder_positions"),
@@ -127,7 +131,8 @@ class Trainer:
       return loss_lib.fused_cross_entropy_sums(
           h_BxLxD, model.output_matrix_VxD(), targets, weights, self.options.z_loss,
           vocab_size=self.model_config.vocab_size, chunk_len=self.options.loss_chunk_len,
-          batch_shards=parallel.data_parallel_size(self.mesh, self.rules))
+          batch_shards=batch_shards,
+          vocab_major=kernels.loss_vocab_major(self.model_config, batch_shards))
 
   def _grads_and_sums(self, params: Any, batch: Batch):
     """Gradient of the summed loss, accumulated over micro-batches."""

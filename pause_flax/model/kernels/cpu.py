@@ -1,0 +1,160 @@
+"""XLA:CPU variants of attention, MLP and embedding lookup (TransformerConfig.kernels='cpu').
+
+Each computes the same values and gradients as the plain layer it replaces
+(tests/test_model.py compares them); they differ in what XLA:CPU is given to
+compile, for these reasons:
+
+- `blocked_causal_attention`: plain causal attention computes the whole L x L
+  score matrix and masks the upper half away; a block of queries here only
+  multiplies the keys up to its own end, so the masked-out scores, their
+  softmax and their gradients are mostly never computed. Accelerators' fused
+  attention kernels skip that work themselves; on XLA:CPU the skipping has to
+  be written out.
+- `mlp`: autodiff keeps act(x W_i), its intermediates and the gated product
+  alive from the forward to the backward pass (several [B, L, F] buffers per
+  layer); this keeps only the two up-projections and recomputes the rest,
+  elementwise, in the backward pass. XLA:CPU maps its temporary memory afresh
+  every step, so fewer and smaller buffers are fewer page faults. The weight
+  gradients read a transposed copy of the small x ([D, B*L]) instead of having
+  XLA:CPU write the large [B*L, F] gradients transposed.
+- `embed_lookup`: autodiff's scatter-add starts from a zero-filled [V, D]
+  buffer that XLA:CPU fills at the start of the step, keeping it live through
+  the whole forward pass; here the fill waits for the incoming gradient.
+- `after`: XLA:CPU drops optimization barriers before it merges common
+  subexpressions and schedules, so a backward-pass recomputation from forward
+  values is merged with the forward's own (whose buffers then stay live, which
+  is what recomputing avoids), and a large buffer's fill or transpose that
+  needs no gradient is hoisted to the start of the step. A data dependence on
+  the incoming gradient keeps such work in the backward pass.
+
+(The fused loss's vocabulary-major layout, the fourth CPU choice, lives in
+`training/loss.py`; `kernels.loss_vocab_major` selects it.) Measured effects
+are in benchmarks/README.md.
+
+Everything here runs under the named scope `SCOPE`, so a compiled program
+shows whether a CPU kernel is in it (the memory check's test looks).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from pause_flax.parallel import constrain
+
+SCOPE = "cpu_kernels"
+
+
+def after(x: jax.Array, dep: jax.Array) -> jax.Array:
+  """x, made to depend on `dep` (x + 0 * dep, `dep` broadcast against x)."""
+  return x + (0 * dep).astype(x.dtype)
+
+
+def blocked_causal_attention(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.Array,
+                             mask_Bx1xLxL: jax.Array | None = None, *,
+                             block_len: int | None = None) -> jax.Array:
+  """Causal attention computed one block of queries at a time.
+
+  Equals `jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)`
+  (scale 1/sqrt(H), logits and softmax in float32, grouped-query heads, masked
+  logits at the same large negative), but a block of queries multiplies only
+  the keys up to its own end. `block_len` defaults to max(64, ceil(L / 8));
+  one block is plain causal attention.
+  """
+  with jax.named_scope(SCOPE):
+    b, l, n, h = q_BxLxNxH.shape
+    kh = k_BxLxKxH.shape[2]
+    c = block_len or max(64, -(-l // 8))
+    dtype = q_BxLxNxH.dtype
+    q_BxLxKxGxH = q_BxLxNxH.reshape(b, l, kh, n // kh, h)
+    k_BxLxKxH, v_BxLxKxH = k_BxLxKxH.astype(dtype), v_BxLxKxH.astype(dtype)
+    # jax.nn's masked-logit value: finite, so a fully masked row averages its values.
+    large_negative = -0.7 * float(jnp.finfo(jnp.float32).max)
+    outs = []
+    for start in range(0, l, c):
+      end = min(start + c, l)
+      logits_BxKxGxTxS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BxLxKxGxH[:, start:end],
+                                    k_BxLxKxH[:, :end], preferred_element_type=jnp.float32)
+      allowed_TxS = jnp.arange(start, end)[:, None] >= jnp.arange(end)[None, :]  # causal
+      if mask_Bx1xLxL is not None:
+        allowed_TxS = allowed_TxS & mask_Bx1xLxL[:, :, None, start:end, :end]
+      logits_BxKxGxTxS = jnp.where(allowed_TxS, logits_BxKxGxTxS * (h ** -0.5), large_negative)
+      probs_BxKxGxTxS = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(dtype)
+      outs.append(jnp.einsum("BKGTS,BSKH->BTKGH", probs_BxKxGxTxS, v_BxLxKxH[:, :end]))
+    return jnp.concatenate(outs, axis=1).reshape(b, l, n, h)
+
+
+def _mlp_hidden(activation: Callable[[jax.Array], jax.Array], a_BxLxF: jax.Array,
+                g_BxLxF: jax.Array | None) -> jax.Array:
+  h_BxLxF = activation(a_BxLxF)
+  return h_BxLxF if g_BxLxF is None else h_BxLxF * g_BxLxF
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def mlp(activation: Callable[[jax.Array], jax.Array], x_BxLxD: jax.Array, wi_DxF: jax.Array,
+        wg_DxF: jax.Array | None, wo_FxD: jax.Array) -> jax.Array:
+  """act(x W_i) [* x W_gate] W_o; the backward pass recomputes the hidden layer."""
+  return _mlp_fwd(activation, x_BxLxD, wi_DxF, wg_DxF, wo_FxD)[0]
+
+
+def _mlp_fwd(activation, x_BxLxD, wi_DxF, wg_DxF, wo_FxD):
+  with jax.named_scope(SCOPE):
+    a_BxLxF = x_BxLxD @ wi_DxF
+    g_BxLxF = None if wg_DxF is None else x_BxLxD @ wg_DxF
+    h_BxLxF = constrain(_mlp_hidden(activation, a_BxLxF, g_BxLxF), ("batch", "length", "mlp"))
+    return h_BxLxF @ wo_FxD, (x_BxLxD, wi_DxF, wg_DxF, wo_FxD, a_BxLxF, g_BxLxF)
+
+
+def _mlp_bwd(activation, residuals, dy_BxLxD):
+  with jax.named_scope(SCOPE):
+    x_BxLxD, wi_DxF, wg_DxF, wo_FxD, a_BxLxF, g_BxLxF = residuals
+    d, f = wi_DxF.shape
+    dep_BxLx1 = dy_BxLxD[..., :1]  # local to each batch shard: no communication
+    a_BxLxF = after(a_BxLxF, dep_BxLx1)
+    if g_BxLxF is not None:
+      g_BxLxF = after(g_BxLxF, dep_BxLx1)
+    h_BxLxF, hidden_vjp = jax.vjp(functools.partial(_mlp_hidden, activation), a_BxLxF, g_BxLxF)
+    dwo_FxD = h_BxLxF.reshape(-1, f).T @ dy_BxLxD.reshape(-1, d)
+    da_BxLxF, dg_BxLxF = hidden_vjp(dy_BxLxD @ wo_FxD.T)
+    xt_DxT = jax.lax.optimization_barrier(after(x_BxLxD, dep_BxLx1).reshape(-1, d).T)
+    dwi_DxF = xt_DxT @ da_BxLxF.reshape(-1, f)
+    dx_BxLxD = da_BxLxF @ wi_DxF.T
+    dwg_DxF = None
+    if wg_DxF is not None:
+      dwg_DxF = (xt_DxT @ dg_BxLxF.reshape(-1, f)).astype(wg_DxF.dtype)
+      dx_BxLxD = dx_BxLxD + dg_BxLxF @ wg_DxF.T
+    return (dx_BxLxD.astype(x_BxLxD.dtype), dwi_DxF.astype(wi_DxF.dtype), dwg_DxF,
+            dwo_FxD.astype(wo_FxD.dtype))
+
+
+mlp.defvjp(_mlp_fwd, _mlp_bwd)
+
+
+def embed_lookup(table_VxD: jax.Array, tokens_BxL: jax.Array) -> jax.Array:
+  """table[tokens] whose gradient's [V, D] zero fill waits for d x."""
+  return _embed_lookup(table_VxD.shape[0], table_VxD, tokens_BxL)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _embed_lookup(num_rows: int, table_VxD: jax.Array, tokens_BxL: jax.Array) -> jax.Array:
+  del num_rows
+  return jnp.take(table_VxD, tokens_BxL, axis=0)
+
+
+def _embed_lookup_fwd(num_rows, table_VxD, tokens_BxL):
+  del num_rows
+  with jax.named_scope(SCOPE):
+    return jnp.take(table_VxD, tokens_BxL, axis=0), tokens_BxL
+
+
+def _embed_lookup_bwd(num_rows, tokens_BxL, dx_BxLxD):
+  with jax.named_scope(SCOPE):
+    zeros_VxD = jnp.zeros((num_rows, dx_BxLxD.shape[-1]), dx_BxLxD.dtype)
+    zeros_VxD = after(zeros_VxD, dx_BxLxD.reshape(-1)[0])
+    return zeros_VxD.at[tokens_BxL].add(dx_BxLxD, mode="drop"), None
+
+
+_embed_lookup.defvjp(_embed_lookup_fwd, _embed_lookup_bwd)
