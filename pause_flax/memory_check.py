@@ -300,13 +300,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   return parser.parse_args(argv)
 
 
+def _refuse(error: Exception) -> None:
+  """Bad input: one line, exit 2 (like the other CLIs; argparse's own errors exit 2 too)."""
+  print(f"pause_flax.memory_check: {' '.join(str(error).split())}", file=sys.stderr)
+  sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
   argv = sys.argv[1:] if argv is None else argv
   args = parse_args(argv)
   try:
     mesh_sizes = parse_mesh(args.mesh)
   except ValueError as e:
-    sys.exit(f"error: {e}")
+    _refuse(e)
   ensure_cpu_devices(args.devices, argv)
   from pause_flax import parallel
   try:
@@ -314,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     report = check(args.model, mesh_sizes, args.batch_size, args.seq_len, args.remat,
                    args.dtype, args.accum_steps, args.kernels)
   except ValueError as e:
-    sys.exit(f"error: {e}")
+    _refuse(e)
   print(format_report(report, args.device_memory_gib))
   if args.json:
     with open(args.json, "w") as f:
