@@ -14,6 +14,13 @@ look alike to the model and trainer:
 A pause that is an *input* stays in `decoder_input_tokens`: it is attended
 to and feeds the prediction of the next real token. With pause_id=None the
 converters serve standard tasks with the same model features.
+
+Supervised pauses: when the examples carry the aligned features of
+`preprocessors.attach_pause_targets` (`inputs_pause_targets` /
+`inputs_pause_weights`, or `targets_...` for the pretraining form), every
+position whose aligned weight is > 0 gets that target id and weight in
+`decoder_target_tokens` / `decoder_loss_weights` (packed and padded like the
+tokens). Without them (every paper task) the output is unchanged, bit for bit.
 """
 
 from __future__ import annotations
@@ -22,6 +29,10 @@ from collections.abc import Mapping
 
 import seqio
 import tensorflow as tf
+
+from pause_flax.data import preprocessors as prep
+
+_IDS, _WEIGHTS = prep.pause_target_keys("targets")
 
 
 def _check_pause_id(pause_id: int | None) -> int | None:
@@ -43,6 +54,33 @@ def _zero_pause_targets(features: dict[str, tf.Tensor],
   return features
 
 
+def _has_pause_targets(spec: Mapping, keys: tuple[str, ...]) -> bool:
+  return any(k in spec for key in keys for k in prep.pause_target_keys(key))
+
+
+# seqio's packing drops zeros as padding, so the aligned features travel
+# through packing / padding shifted by one (0 is padding only).
+def _shift_up(x: tf.Tensor) -> tf.Tensor:
+  return tf.cast(x, tf.int32) + 1
+
+
+def _shift_down(x: tf.Tensor) -> tf.Tensor:
+  return tf.maximum(x - 1, 0)
+
+
+def _supervise_pauses(d: dict[str, tf.Tensor],
+                      features: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+  """Overlays the aligned pause targets (weight > 0 only) on targets and weights."""
+  if _WEIGHTS not in features:
+    return d
+  weights = _shift_down(features[_WEIGHTS])
+  supervised = weights > 0
+  d["decoder_target_tokens"] = tf.where(supervised, _shift_down(features[_IDS]),
+                                        d["decoder_target_tokens"])
+  d["decoder_loss_weights"] = tf.where(supervised, weights, d["decoder_loss_weights"])
+  return d
+
+
 class PauseLMFeatureConverter(seqio.LMFeatureConverter):
   """Decoder-only LM ('targets' only) with zero weight on `<pause>` targets.
 
@@ -58,10 +96,28 @@ class PauseLMFeatureConverter(seqio.LMFeatureConverter):
   def pause_id(self) -> int | None:
     return self._pause_id
 
+  def _convert_features(self, ds: tf.data.Dataset,
+                        task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+    if not _has_pause_targets(ds.element_spec, ("targets",)):
+      return super()._convert_features(ds, task_feature_lengths)
+    length = task_feature_lengths["targets"]
+
+    def shift(x):
+      x = dict(x)
+      for key in (_IDS, _WEIGHTS):
+        x[key] = (_shift_up(x[key]) if key in x else
+                  tf.ones_like(x["targets"], tf.int32))
+      return x
+
+    # The aligned features are packed / padded exactly like 'targets'.
+    return super()._convert_features(
+        ds.map(shift, num_parallel_calls=tf.data.AUTOTUNE),
+        {**task_feature_lengths, _IDS: length, _WEIGHTS: length})
+
   def _convert_example(
       self, features: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    return _zero_pause_targets(dict(super()._convert_example(features)),
-                               self._pause_id)
+    d = _zero_pause_targets(dict(super()._convert_example(features)), self._pause_id)
+    return _supervise_pauses(d, features)
 
 
 class PausePrefixLMFeatureConverter(seqio.PrefixLMFeatureConverter):
@@ -92,7 +148,39 @@ class PausePrefixLMFeatureConverter(seqio.PrefixLMFeatureConverter):
       self, features: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     d = dict(super()._convert_example(features))
     del d["decoder_causal_attention"]
-    return _zero_pause_targets(d, self._pause_id)
+    return _supervise_pauses(_zero_pause_targets(d, self._pause_id), features)
+
+  _supervised = False   # set per call by _convert_features
+
+  def _convert_features(self, ds: tf.data.Dataset,
+                        task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+    self._supervised = _has_pause_targets(ds.element_spec, ("inputs", "targets"))
+    return super()._convert_features(ds, task_feature_lengths)
+
+  def _concat_and_add_masks(
+      self, features: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    d = dict(super()._concat_and_add_masks(features))
+    if self._supervised:
+      # inputs' aligned features, then targets' (zeros when absent), padded to
+      # the concatenation (seqio adds one padding target to an empty 'targets').
+      n = tf.size(d["targets"])
+      for i, suffix in enumerate((_IDS, _WEIGHTS)):
+        parts = []
+        for key in ("inputs", "targets"):
+          aligned = prep.pause_target_keys(key)[i]
+          size = tf.size(features[key])
+          parts.append(tf.cast(features[aligned][:size], tf.int32) if aligned in features
+                       else tf.zeros([size], tf.int32))
+        v = tf.concat(parts, 0)
+        d[suffix] = _shift_up(tf.pad(v, [[0, n - tf.size(v)]]))
+    return d
+
+  def _concat_task_feature_lengths(
+      self, task_feature_lengths: Mapping[str, int]) -> dict[str, int]:
+    lengths = dict(super()._concat_task_feature_lengths(task_feature_lengths))
+    if self._supervised:
+      lengths[_IDS] = lengths[_WEIGHTS] = lengths["targets"]
+    return lengths
 
   def get_model_feature_lengths(
       self, task_feature_lengths: Mapping[str, int]) -> dict[str, int]:

@@ -300,3 +300,76 @@ def append_pauses(dataset: tf.data.Dataset,
     return {**x, feature_key: tf.concat([prefix, pauses], axis=0)}
 
   return _append(dataset)
+
+
+# -- supervised pauses ----------------------------------------------------------
+
+PAUSE_TARGETS_KEY = "pause_targets"   # rank-1 ids: what to predict in place of each pause
+PAUSE_WEIGHT_KEY = "pause_weight"     # optional scalar per example: their loss weight
+
+
+def pause_target_keys(feature_key: str) -> tuple[str, str]:
+  """Names of the aligned features `attach_pause_targets` writes for `feature_key`."""
+  return f"{feature_key}_pause_targets", f"{feature_key}_pause_weights"
+
+
+def attach_pause_targets(dataset: tf.data.Dataset,
+                         output_features: Mapping[str, seqio.Feature] | None = None,
+                         sequence_length: Mapping[str, int] | None = None,
+                         *,
+                         weight: int = 1,
+                         pause_id: int | None = None,
+                         feature_key: str = "inputs") -> tf.data.Dataset:
+  """Supervised pauses: gives the k-th pause of `feature_key` the k-th pause target.
+
+  Each example carries `pause_targets` (int ids, one per pause, in order; any
+  length, empty for a plain example) and optionally a scalar `pause_weight`
+  (else `weight`). Run it after `append_pauses` / `inject_pauses`: every
+  occurrence of `pause_id` in `feature_key` is a pause slot, the k-th gets
+  `pause_targets[k]` with that weight, slots past the list get weight 0.
+  Writes the aligned features `<feature_key>_pause_targets` and
+  `<feature_key>_pause_weights` (same length as `feature_key`, 0 elsewhere) and
+  drops `pause_targets` / `pause_weight`. The feature converters then train
+  the output that would predict pause k (the output at the token just before
+  it: the prefix's last token for the first appended pause, pause k-1 for the
+  others) on `pause_targets[k]` instead of giving it weight 0. Inputs are
+  untouched: the model still reads `<pause>`. Weight 0 is the paper's
+  behaviour, bit for bit.
+
+  Args:
+    dataset: examples with `feature_key` and `pause_targets`.
+    output_features: supplied by seqio; used to find the pause id.
+    sequence_length: unused (the pause steps already fixed the length).
+    weight: loss weight of a supervised pause output (integer >= 0; seqio's
+      loss weights are int32).
+    pause_id: the pause (or filler) id to look for; default: the feature's
+      PauseVocabulary's. A filler must not also occur in the text.
+    feature_key: 'inputs' (finetuning form) or 'targets' (pretraining form).
+  """
+  del sequence_length
+  _check_count("weight", weight)
+  pause_id = _resolve_pause_id(pause_id, output_features, feature_key,
+                               "attach_pause_targets")
+  spec = dataset.element_spec
+  if not isinstance(spec, Mapping) or PAUSE_TARGETS_KEY not in spec or feature_key not in spec:
+    raise ValueError(
+        f"attach_pause_targets: examples need {feature_key!r} and {PAUSE_TARGETS_KEY!r} "
+        f"(the ids each pause should predict); got {spec}.")
+  ids_key, weights_key = pause_target_keys(feature_key)
+
+  @seqio.map_over_dataset
+  def _attach(x):
+    x = dict(x)
+    hints = tf.cast(x.pop(PAUSE_TARGETS_KEY), tf.int32)
+    w = tf.cast(x.pop(PAUSE_WEIGHT_KEY, weight), tf.int32)
+    tokens = x[feature_key]
+    is_pause = tf.equal(tokens, tf.cast(pause_id, tokens.dtype))
+    k = tf.cumsum(tf.cast(is_pause, tf.int32)) - 1        # index of each pause
+    supervised = is_pause & (k < tf.size(hints))
+    padded = tf.concat([hints, [0]], 0)                    # gather never out of range
+    ids = tf.gather(padded, tf.clip_by_value(k, 0, tf.size(hints)))
+    x[ids_key] = tf.where(supervised, ids, 0)
+    x[weights_key] = tf.where(supervised, w, 0)
+    return x
+
+  return _attach(dataset)

@@ -43,6 +43,7 @@ class VariantSpec(NamedTuple):
   fraction: float | None    # pretraining: the pause fraction, or None
   num_pauses: int | None    # M (a fixed count), or None
   pause_token: int | None   # the filler id of a filler variant; None for <pause>
+  pause_weight: int = 0     # loss weight of supervised pause outputs (0: the paper's)
 
 
 def add_task(name: str, **kwargs) -> seqio.Task:
@@ -71,7 +72,11 @@ def _pause_features(features: Mapping[str, seqio.Feature]
 
 
 def _variant_name(base: str, form: str, fraction: float | None,
-                  num_pauses: int | None, pause_token: int | None) -> str:
+                  num_pauses: int | None, pause_token: int | None,
+                  pause_weight: int = 0) -> str:
+  if pause_weight:
+    name = _variant_name(base, form, fraction, num_pauses, pause_token)
+    return f"{name}_sup" if pause_weight == 1 else f"{name}_sup{pause_weight}"
   kind = "pause" if pause_token is None else f"filler{pause_token}"
   if form == "finetune":
     return f"{base}_{kind}" if num_pauses == DEFAULT_NUM_PAUSES else (
@@ -87,7 +92,8 @@ def pause_variant(task_or_mixture_name: str, *,
                   num_pauses: int | None = None,
                   form: str = "pretrain",
                   name: str | None = None,
-                  pause_token: int | None = None) -> str:
+                  pause_token: int | None = None,
+                  pause_weight: int = 0) -> str:
   """Registers the pause variant of a registered Task or Mixture.
 
   form='pretrain' appends `inject_pauses` on 'targets' after all of the
@@ -104,6 +110,12 @@ def pause_variant(task_or_mixture_name: str, *,
   '<name>_pause_f0.2', '<name>_pause_n20' (pretrain) or '<name>_pause20'
   (finetune); 'filler<id>' replaces 'pause' for fillers.
 
+  With `pause_weight` > 0 (supervised pauses, '<variant>_sup'), the Task's
+  examples must carry `pause_targets` (ids, one per pause): the output that
+  would predict the k-th pause (or filler) is trained on `pause_targets[k]`
+  with that weight (`preprocessors.attach_pause_targets`). 0 keeps the
+  paper's weight 0 at pause outputs.
+
   Returns:
     The variant's name. Calling again with the same arguments is a no-op.
   """
@@ -112,6 +124,8 @@ def pause_variant(task_or_mixture_name: str, *,
         f"form={form!r} is invalid: use 'pretrain' (inject pauses into "
         "'targets') or 'finetune' (append pauses to 'inputs').")
   prep.check_one_pause_setting(fraction, num_pauses)
+  if isinstance(pause_weight, bool) or not isinstance(pause_weight, int) or pause_weight < 0:
+    raise ValueError(f"pause_weight={pause_weight!r} is invalid: use an integer >= 0.")
   if form == "finetune":
     if fraction is not None:
       raise ValueError(
@@ -129,9 +143,9 @@ def pause_variant(task_or_mixture_name: str, *,
 
   provider = seqio.get_mixture_or_task(task_or_mixture_name)
   name = name or _variant_name(task_or_mixture_name, form, fraction,
-                               num_pauses, pause_token)
+                               num_pauses, pause_token, pause_weight)
   spec = VariantSpec(task_or_mixture_name, id(provider), form, fraction, num_pauses,
-                     pause_token)
+                     pause_token, pause_weight)
   registered = seqio.maybe_get_mixture_or_task(name) if (
       name in seqio.TaskRegistry.names() or
       name in seqio.MixtureRegistry.names()) else None
@@ -145,7 +159,8 @@ def pause_variant(task_or_mixture_name: str, *,
 
   if isinstance(provider, seqio.Mixture):
     tasks = [(pause_variant(t.name, fraction=fraction, num_pauses=num_pauses,
-                            form=form, pause_token=pause_token),
+                            form=form, pause_token=pause_token,
+                            pause_weight=pause_weight),
               provider.get_rate(t)) for t in provider.tasks]
     seqio.MixtureRegistry.remove(name)
     variant = seqio.MixtureRegistry.add(name, tasks)
@@ -163,9 +178,22 @@ def pause_variant(task_or_mixture_name: str, *,
                                pause_id=pause_token)
     features = (provider.output_features if pause_token is not None else
                 _pause_features(provider.output_features))
+    steps = [step]
+    if pause_weight:
+      key = "inputs" if form == "finetune" else "targets"
+      if prep.PAUSE_TARGETS_KEY not in provider.output_features:
+        raise ValueError(
+            f"pause_weight={pause_weight}: Task {task_or_mixture_name!r} has no "
+            f"{prep.PAUSE_TARGETS_KEY!r} feature (the ids each pause should predict); "
+            "see docs/supervised_pauses.md.")
+      steps.append(functools.partial(prep.attach_pause_targets, weight=pause_weight,
+                                     pause_id=pause_token, feature_key=key))
+      aligned = seqio.Feature(seqio.PassThroughVocabulary(1), add_eos=False,
+                              required=False)
+      features = {**features, **{k: aligned for k in prep.pause_target_keys(key)}}
     variant = provider.replace(
         name=name, output_features=features,
-        preprocessors=list(provider.preprocessors) + [step])
+        preprocessors=list(provider.preprocessors) + steps)
     seqio.TaskRegistry.remove(name)
     seqio.TaskRegistry.add_provider(name, variant)
   setattr(variant, _SPEC_ATTR, spec)

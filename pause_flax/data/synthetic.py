@@ -10,6 +10,11 @@ depth-limited decoder could use extra parallel computation before answering
   digit_sum     'sum%10 83194027='        -> '4'      (a long reduction)
   pointer       'ptr b>d a>c d>a c>b a*3=' -> 'a'     (follow 3 pointers)
 
+A positive control for supervised pauses (not in the pretraining corpus):
+
+  parity        '01101001011100101101='   -> '1'    (parity of n bits; n = 20)
+                pause_targets '11111111111000000000' (k-th: at least k ones)
+
 The pretraining corpus mixes filler prose with problems of all three formats,
 written with their answers, so that pretraining teaches the formats.
 Registration lives in pause_flax.data.tasks.
@@ -110,6 +115,39 @@ def downstream_example(task: str, split: str, index: int) -> tuple[str, str]:
         f"Unknown synthetic task {task!r}; choose one of "
         f"{sorted(DOWNSTREAM_GENERATORS)}.")
   return DOWNSTREAM_GENERATORS[task](_rng("task", task, split, index))
+
+
+# Parity: a larger train split, so that a run of a few epochs sees fresh strings.
+PARITY_SPLIT_SIZES = {"train": 65536, "validation": 512}
+
+
+def parity_example(n_bits: int, split: str, index: int) -> tuple[str, str, str]:
+  """(inputs, targets, pause_targets) of parity example `index`.
+
+  inputs: n random bits then '='; targets: their parity ('0' or '1');
+  pause_targets: n threshold hints, the k-th (k = 1..n) '1' when at least k
+  bits are 1 (London & Kanade's hints: parity is their alternating sum).
+  """
+  rng = _rng("parity", n_bits, split, index)
+  bits = [rng.randrange(2) for _ in range(n_bits)]
+  ones = sum(bits)
+  hints = "".join("1" if ones >= k else "0" for k in range(1, n_bits + 1))
+  return "".join(map(str, bits)) + "=", str(ones % 2), hints
+
+
+@functools.lru_cache(maxsize=None)
+def _parity_triples(n_bits: int, split: str) -> tuple[tuple[str, ...], ...]:
+  n = _check_split(split, PARITY_SPLIT_SIZES)
+  return tuple(zip(*(parity_example(n_bits, split, i) for i in range(n))))
+
+
+def parity_dataset_fn(n_bits: int, split: str, shuffle_files: bool = False,
+                      seed: int | None = None) -> tf.data.Dataset:
+  """{'inputs', 'targets', 'pause_targets'} strings of parity of `n_bits`, in index order."""
+  del shuffle_files, seed
+  inputs, targets, hints = _parity_triples(n_bits, split)
+  return tf.data.Dataset.from_tensor_slices(
+      {"inputs": list(inputs), "targets": list(targets), "pause_targets": list(hints)})
 
 
 def _check_split(split: str, sizes: Mapping[str, int]) -> int:

@@ -14,6 +14,8 @@ never raises, the newest registration wins):
                                   bytes, pause fraction 0.1
   synthetic_<task>, synthetic_<task>_pause  for task in addition, digit_sum,
                                   pointer; M_ft = 10 pauses after the prefix
+  synthetic_parity                parity of 20 bits with threshold pause_targets
+                                  (the supervised-pause positive control)
   the paper's downstream Tasks    squad, gsm8k, ... (pause_flax.data.downstream)
 
 Standard Tasks use the plain base vocabulary; pause variants wrap it in a
@@ -139,6 +141,36 @@ def register_synthetic_downstream_task(name: str, task: str,
   return name
 
 
+def register_parity_task(n_bits: int = 20, name: str | None = None) -> str:
+  """Registers parity of `n_bits` bits ('synthetic_parity' for 20, else '..._n<bits>').
+
+  Examples carry threshold `pause_targets` (see synthetic.parity_example), so
+  `pause_variant(name, form='finetune', num_pauses=n_bits, pause_weight=1)`
+  gives the supervised-pause form; without pause_weight they are ignored.
+  """
+  if isinstance(n_bits, bool) or not isinstance(n_bits, int) or n_bits < 1:
+    raise ValueError(f"n_bits={n_bits!r} is invalid: use an integer >= 1.")
+  name = name or ("synthetic_parity" if n_bits == 20 else f"synthetic_parity_n{n_bits}")
+  vocab = seqio.ByteVocabulary()
+  add_task(
+      name,
+      source=seqio.FunctionDataSource(
+          functools.partial(synthetic.parity_dataset_fn, n_bits),
+          splits=tuple(synthetic.PARITY_SPLIT_SIZES),
+          num_input_examples=synthetic.PARITY_SPLIT_SIZES),
+      output_features={
+          "inputs": seqio.Feature(vocab, add_eos=False),
+          "targets": seqio.Feature(vocab, add_eos=True),
+          prep.PAUSE_TARGETS_KEY: seqio.Feature(vocab, add_eos=False, required=False),
+      },
+      preprocessors=[seqio.preprocessors.tokenize,
+                     seqio.preprocessors.append_eos_after_trim],
+      postprocess_fn=synthetic.postprocess_answer,
+      metric_fns=[synthetic.exact_match])
+  DEFAULT_LENGTHS[name] = {"inputs": n_bits + 1, "targets": 2}
+  return name
+
+
 def register_synthetic_tasks(sequence_length: int = 512) -> list[str]:
   """Registers the offline synthetic tasks; returns their names."""
   vocab = seqio.ByteVocabulary()
@@ -158,6 +190,7 @@ def register_synthetic_tasks(sequence_length: int = 512) -> list[str]:
     DEFAULT_LENGTHS[name] = {"inputs": 64, "targets": 16}
     names += [name, pause_variant(name, form="finetune",
                                   name=f"{name}_pause")]
+  names.append(register_parity_task())
   return names
 
 
