@@ -21,6 +21,7 @@ tf.config.set_visible_devices([], "GPU")
 
 import seqio  # noqa: E402
 
+from pause_flax.data import preprocessors as prep  # noqa: E402
 from pause_flax.data import tasks as tasks_lib  # noqa: E402  (registers tasks)
 
 MODEL_FEATURES = ("decoder_input_tokens", "decoder_target_tokens",
@@ -45,9 +46,13 @@ def check_task_name(name: str) -> None:
 
 
 def task_features(name: str) -> tuple[str, ...]:
-  """Output feature names of a Task or Mixture ('inputs', 'targets', ...)."""
+  """Token feature names of a Task or Mixture ('inputs', 'targets', ...).
+
+  Supervised-pause features (`pause_targets` and the aligned ones) ride along
+  with the tokens and take no length of their own.
+  """
   provider = seqio.get_mixture_or_task(name)
-  return tuple(provider.output_features)
+  return tuple(k for k in provider.output_features if not prep.is_pause_target_feature(k))
 
 
 def check_feature_lengths(name: str, feature_lengths: Mapping[str, int],

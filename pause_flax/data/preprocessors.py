@@ -313,6 +313,12 @@ def pause_target_keys(feature_key: str) -> tuple[str, str]:
   return f"{feature_key}_pause_targets", f"{feature_key}_pause_weights"
 
 
+def is_pause_target_feature(key: str) -> bool:
+  """Whether `key` is `pause_targets`, `pause_weight` or an aligned feature."""
+  return key in (PAUSE_TARGETS_KEY, PAUSE_WEIGHT_KEY) or key.endswith(
+      ("_pause_targets", "_pause_weights"))
+
+
 def attach_pause_targets(dataset: tf.data.Dataset,
                          output_features: Mapping[str, seqio.Feature] | None = None,
                          sequence_length: Mapping[str, int] | None = None,

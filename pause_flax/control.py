@@ -1,0 +1,240 @@
+r"""Positive and negative controls: can the pipeline see a pause effect theory predicts?
+
+  python -m pause_flax.control --gin_file=gin_configs/local/positive_control.gin \
+    --gin.CONTROL_DIR="'/tmp/pause_control'"
+
+Trains small models from scratch on each task in four arms, every arm on the
+same seeds (model init and data order), and evaluates each at its own M:
+  NoPause          the prefix alone
+  Pause            prefix + M pauses, pause outputs weight 0 (the paper's)
+  SupervisedPause  prefix + M pauses whose outputs are trained on the task's
+                   `pause_targets` (London & Kanade's hints for parity)
+  Filler           prefix + M copies of an ordinary token ('.')
+On parity of n bits (synthetic_parity) with threshold hints a two-layer
+transformer is expected to reach ~100% only in the SupervisedPause arm; the
+negative control (synthetic_count, no pause_targets) runs the other arms. The
+verdict compares SupervisedPause with NoPause and Filler (paired t intervals
+over the seeds) and says plainly whether the known effect was detected.
+Cells are cached in `cells/<task>/<arm>/seed<k>.json` as in the grid.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from absl import flags
+from absl import logging
+import gin
+import jax
+
+from pause_flax import gin_utils
+from pause_flax import grid
+from pause_flax import parallel
+from pause_flax import train as train_cli
+from pause_flax.evaluation import stats
+from pause_flax.model import transformer as transformer_lib
+from pause_flax.training import loop
+
+ARMS = ("NoPause", "SupervisedPause", "Filler", "Pause")  # run in this order
+BASELINE = "NoPause"
+
+
+def arm_task(task: str, arm: str, num_pauses: int, filler_id: int,
+             pause_weight: int = 1) -> str:
+  """The registered Task an arm trains on."""
+  from pause_flax.data import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
+  if arm == "NoPause":
+    return task
+  if arm == "Pause":
+    return tasks_lib.pause_variant(task, form="finetune", num_pauses=num_pauses)
+  if arm == "SupervisedPause":
+    return tasks_lib.pause_variant(task, form="finetune", num_pauses=num_pauses,
+                                   pause_weight=pause_weight)
+  if arm == "Filler":
+    return tasks_lib.filler_variant(task, filler_id=filler_id, form="finetune",
+                                    num_pauses=num_pauses)
+  raise ValueError(f"arm={arm!r}: choose from {ARMS}.")
+
+
+def task_arms(task: str, arms: Sequence[str]) -> list[str]:
+  """The arms a task supports: SupervisedPause only with `pause_targets`."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  from pause_flax.data import preprocessors as prep  # pylint: disable=g-import-not-at-top
+  from pause_flax.data import tasks  # pylint: disable=g-import-not-at-top,unused-import  # registers
+  features = seqio.get_mixture_or_task(task).output_features
+  return [a for a in arms if a != "SupervisedPause" or prep.PAUSE_TARGETS_KEY in features]
+
+
+def run_control(control_dir: str, *, model_config: transformer_lib.TransformerConfig,
+                tasks: Sequence[str], stage: grid.Stage, seeds: Sequence[int],
+                num_pauses: int | Mapping[str, int], pause_weight: int = 1,
+                arms: Sequence[str] = ARMS, filler_text: str = ".",
+                eval_batch_size: int = 128, eval_examples: int | None = None,
+                confidence: float = 0.95, supervised_min: float = 90.0,
+                baseline_max: float = 65.0, keep_checkpoints: bool = False,
+                mesh: jax.sharding.Mesh | None = None) -> dict:
+  """Runs (or completes) the control and writes results.md / results.json."""
+  from pause_flax.data import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
+  from pause_flax.evaluation import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
+
+  unknown = [a for a in arms if a not in ARMS]
+  if unknown or BASELINE not in arms:
+    raise ValueError(f"arms={list(arms)}: choose from {ARMS}, {BASELINE} included.")
+  if len(seeds) < 3 or len(set(seeds)) != len(seeds):
+    raise ValueError(f"seeds={list(seeds)}: give at least three distinct seeds.")
+  m = dict(num_pauses) if isinstance(num_pauses, Mapping) else {t: num_pauses for t in tasks}
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  os.makedirs(control_dir, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", os.path.join(control_dir, "xla_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+  for task in tasks:
+    filler_ids = tasks_lib.get_vocabulary(task).encode(filler_text)
+    if len(filler_ids) != 1:
+      raise ValueError(f"filler_text={filler_text!r} is not one token in {task}'s vocabulary.")
+    base_lengths = dict(tasks_lib.default_task_feature_lengths(task))
+    for arm in task_arms(task, arms):
+      name = arm_task(task, arm, m[task], filler_ids[0], pause_weight)
+      ft = "StdFT" if arm == "NoPause" else "PauseFT"
+      lengths = grid._finetune_lengths(base_lengths, ft, m[task])  # pylint: disable=protected-access
+      evaluator = None
+      for seed in seeds:
+        cell = os.path.join(control_dir, "cells", task, arm, f"seed{seed}.json")
+        if os.path.exists(cell):
+          continue
+        model_dir = os.path.join(control_dir, "runs", task, arm, f"seed{seed}")
+        logging.info("Control: %s %s seed %d.", task, arm, seed)
+        rows = loop.train(model_dir=model_dir, mixture_or_task_name=name,
+                          task_feature_lengths=lengths, model_config=model_config,
+                          seed=seed, data_seed=seed,
+                          log_every=max(1, min(100, stage.steps // 20)), mesh=mesh,
+                          **stage.train_kwargs())
+        if evaluator is None:
+          evaluator = evaluator_lib.Evaluator(
+              name, batch_size=eval_batch_size, mesh=mesh, num_examples=eval_examples,
+              feature_lengths=base_lengths)
+        ckpt = evaluator_lib.load_checkpoint(model_dir, mesh)
+        m_inf = 0 if arm == "NoPause" else m[task]
+        (result,) = evaluator.evaluate(ckpt.model, m_inf).values()
+        final_loss = (rows[-1] if rows else grid._read_jsonl(model_dir)[-1])["loss"]  # pylint: disable=protected-access
+        grid._write_json(cell, {"task": task, "arm": arm, "seed": seed,  # pylint: disable=protected-access
+                                "train_task": name, "m_inf": m_inf, "steps": stage.steps,
+                                "final_loss": final_loss, "metrics": result.metrics})
+        if not keep_checkpoints:
+          shutil.rmtree(os.path.join(model_dir, "checkpoints"), ignore_errors=True)
+      # Tables so far (arms still missing seeds are listed as such).
+      results = write_results(control_dir, tasks, arms, seeds, m, confidence, stage.steps,
+                              supervised_min=supervised_min, baseline_max=baseline_max)
+  return write_results(control_dir, tasks, arms, seeds, m, confidence, stage.steps,
+                       supervised_min=supervised_min, baseline_max=baseline_max)
+
+
+def write_results(control_dir: str, tasks, arms, seeds, m, confidence, steps,
+                  **limits) -> dict:
+  results = collect(control_dir, tasks, arms, seeds, m, confidence, **limits)
+  results["steps"] = steps
+  grid._write_json(os.path.join(control_dir, "results.json"), results)  # pylint: disable=protected-access
+  with open(os.path.join(control_dir, "results.md"), "w", encoding="utf-8") as f:
+    f.write(results_markdown(results))
+  return results
+
+
+def collect(control_dir: str, tasks: Sequence[str], arms: Sequence[str],
+            seeds: Sequence[int], num_pauses: Mapping[str, int], confidence: float,
+            *, supervised_min: float, baseline_max: float) -> dict:
+  """Per task and arm: mean/std over seeds, per-seed values, paired differences, verdict."""
+  out: dict[str, Any] = {"seeds": list(seeds), "confidence": confidence, "tasks": {}}
+  for task in tasks:
+    paths = {a: {s: os.path.join(control_dir, "cells", task, a, f"seed{s}.json")
+                 for s in seeds} for a in task_arms(task, arms)}
+    complete = [a for a in paths if all(os.path.exists(p) for p in paths[a].values())]
+    missing = [a for a in paths if a not in complete]
+    if BASELINE not in complete:
+      out["tasks"][task] = {"missing": missing}
+      continue
+    cells = {a: {s: grid._read_json(p) for s, p in paths[a].items()}  # pylint: disable=protected-access
+             for a in complete}
+    name = sorted(cells[BASELINE][seeds[0]]["metrics"])[0]
+    values = {a: {s: c["metrics"][name] for s, c in by_seed.items()}
+              for a, by_seed in cells.items()}
+    rows = {}
+    for a, per_seed in values.items():
+      summary = stats.summarize(list(per_seed.values()))
+      rows[a] = {"mean": summary.mean, "std": summary.std, "per_seed": per_seed,
+                 "m_inf": cells[a][seeds[0]]["m_inf"], "diffs": {}}
+      for other in (BASELINE, "Filler"):
+        if other != a and other in values:
+          d = stats.paired_difference(per_seed, values[other], confidence)
+          rows[a]["diffs"][other] = {"mean": d.mean, "low": d.low, "high": d.high,
+                                     "significant": d.significant}
+    block = {"metric": name, "num_pauses": num_pauses[task], "arms": rows,
+             "missing": missing}
+    if "SupervisedPause" in rows:
+      sup = rows["SupervisedPause"]
+      checks = {
+          f"SupervisedPause mean >= {supervised_min:g}": sup["mean"] >= supervised_min,
+          f"NoPause mean <= {baseline_max:g}": rows[BASELINE]["mean"] <= baseline_max,
+          "SupervisedPause - NoPause interval above 0": sup["diffs"][BASELINE]["low"] > 0,
+      }
+      if "Filler" in sup["diffs"]:
+        checks["SupervisedPause - Filler interval above 0"] = sup["diffs"]["Filler"]["low"] > 0
+      block["checks"] = checks
+      block["detected"] = all(checks.values())
+    out["tasks"][task] = block
+  return out
+
+
+def results_markdown(results: dict) -> str:
+  seeds = results["seeds"]
+  conf = int(round(100 * results["confidence"]))
+  lines = [f"# Pause controls: {results.get('steps', '?')} training steps per run, "
+           f"seeds {seeds} (model init and data order)", ""]
+  for task, block in results["tasks"].items():
+    if "arms" not in block:
+      lines += [f"## {task}", "", f"Not run yet: {', '.join(block['missing'])}.", ""]
+      continue
+    lines += [f"## {task} ({block['metric']}, M = {block['num_pauses']})", ""]
+    if "detected" in block:
+      verdict = ("DETECTED: the pipeline shows the known supervised-pause effect."
+                 if block["detected"] else
+                 "NOT DETECTED: the pipeline does not show the known effect at this budget.")
+      lines += [f"**Positive control: {verdict}**", ""]
+      lines += [f"- {k}: {'yes' if v else 'no'}" for k, v in block["checks"].items()] + [""]
+    lines += ["| arm | M_inf | mean ± std | per seed | "
+              f"Δ vs NoPause [{conf}% paired CI] | Δ vs Filler [{conf}% paired CI] |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for a, row in block["arms"].items():
+      def fmt(other):
+        d = row["diffs"].get(other)
+        if d is None:
+          return "—"
+        return (f"{d['mean']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]"
+                + (" **significant**" if d["significant"] else ""))
+      per_seed = ", ".join(f"{row['per_seed'][s]:.1f}" for s in seeds)
+      lines.append(f"| {a} | {row['m_inf']} | {row['mean']:.1f} ± {row['std']:.1f} | "
+                   f"{per_seed} | {fmt(BASELINE)} | {fmt('Filler')} |")
+    if block["missing"]:
+      lines += ["", f"Not run yet: {', '.join(block['missing'])}."]
+    lines.append("")
+  return "\n".join(lines)
+
+
+# -- CLI ------------------------------------------------------------------------------
+
+run_control_configurable = gin.external_configurable(run_control, "run_control")
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise flags.Error(f"Unexpected arguments: {argv[1:]}")
+  gin_utils.parse_gin_flags()
+  train_cli.register_tasks()
+  results = run_control_configurable(mesh=train_cli.make_mesh())
+  print(results_markdown(results))
+
+
+if __name__ == "__main__":
+  gin_utils.run(main)
