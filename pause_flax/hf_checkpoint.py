@@ -340,6 +340,9 @@ def imported_vocabulary(path: str):
 def imported_model_config(path: str, **overrides) -> transformer_lib.TransformerConfig:
   """The TransformerConfig of an imported model, with overrides (e.g. dtype, max_len)."""
   info = read_import_info(path)
+  if overrides.get("positions", "rope") != "rope":
+    raise ValueError(f"positions={overrides['positions']!r} for the imported model {path!r}: "
+                     "Hugging Face Llama has RoPE only; keep positions='rope'.")
   return transformer_lib.TransformerConfig(**{**info["model_config"], **overrides})
 
 
@@ -424,6 +427,9 @@ def export_checkpoint(checkpoint: str, out: str, *, imported: str | None = None,
   info = read_import_info(imported)
   saved = checkpointing.restore_model_params(checkpoint, step=step)  # on one CPU device
   step, config = saved.step, saved.config
+  if config.positions != "rope":
+    raise ValueError(f"checkpoint={checkpoint!r} has positions={config.positions!r}; "
+                     "Hugging Face Llama has RoPE only, so only positions='rope' exports.")
   params = jax.tree.map(np.asarray, saved.params)
   expected = config_from_hf(info["hf_config"])
   for field in _ARCHITECTURE_FIELDS:

@@ -19,6 +19,9 @@ REMAT_POLICIES = ("none", "full", "dots")
 # the platform of the mesh the step runs on.
 KERNELS = ("auto", "xla", "cpu")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "blocked")
+# How the model knows positions: rotary q/k ('rope'), a learned absolute
+# embedding added to the token embedding ('learned'), or both.
+POSITIONS = ("rope", "learned", "both")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +60,9 @@ class TransformerConfig:
   # 'auto': blocked with kernels='cpu', cudnn on a GPU mesh where it applies,
   # else xla. Cached decoding always uses 'xla'.
   attention_impl: str = "auto"
+  # 'rope' (the default; parameters as before), 'learned' (a [max_len, D]
+  # absolute embedding indexed by the absolute position, no rotary) or 'both'.
+  positions: str = "rope"
 
   def __post_init__(self):
     for name in ("vocab_size", "num_layers", "d_model", "num_heads", "mlp_dim",
@@ -87,6 +93,8 @@ class TransformerConfig:
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(
           f"attention_impl={self.attention_impl!r}; choose one of {ATTENTION_IMPLS}.")
+    if self.positions not in POSITIONS:
+      raise ValueError(f"positions={self.positions!r}; choose one of {POSITIONS}.")
     for name in ("dtype", "param_dtype"):
       try:
         jnp.dtype(getattr(self, name))

@@ -167,10 +167,11 @@ class Attention(nnx.Module):
     q_BxLxNxH = jnp.einsum("BLD,DNH->BLNH", x_BxLxD, self.q_DxNxH[...].astype(dtype))
     k_BxLxKxH = jnp.einsum("BLD,DKH->BLKH", x_BxLxD, self.k_DxKxH[...].astype(dtype))
     v_BxLxKxH = jnp.einsum("BLD,DKH->BLKH", x_BxLxD, self.v_DxKxH[...].astype(dtype))
-    q_BxLxNxH = constrain(apply_rope(q_BxLxNxH, positions_BxL, c.rope_theta),
-                          ("batch", "length", "heads", "kv"))
-    k_BxLxKxH = constrain(apply_rope(k_BxLxKxH, positions_BxL, c.rope_theta),
-                          ("batch", "length", "heads", "kv"))
+    if c.positions != "learned":
+      q_BxLxNxH = apply_rope(q_BxLxNxH, positions_BxL, c.rope_theta)
+      k_BxLxKxH = apply_rope(k_BxLxKxH, positions_BxL, c.rope_theta)
+    q_BxLxNxH = constrain(q_BxLxNxH, ("batch", "length", "heads", "kv"))
+    k_BxLxKxH = constrain(k_BxLxKxH, ("batch", "length", "heads", "kv"))
     v_BxLxKxH = constrain(v_BxLxKxH, ("batch", "length", "heads", "kv"))
     if kv is None:
       k_BxSxKxH, v_BxSxKxH = k_BxLxKxH, v_BxLxKxH
@@ -259,6 +260,9 @@ class Transformer(nnx.Module):
     self.config = c
     vp, d = c.padded_vocab_size, c.d_model
     self.embedding_VxD = _param(rngs, 0.02, (vp, d), ("vocab", "embed"), c.param_dtype)
+    if c.positions != "rope":   # absent for 'rope': its parameter tree is unchanged
+      self.position_embedding_PxD = _param(rngs, 0.02, (c.max_len, d), (None, "embed"),
+                                           c.param_dtype)
 
     @nnx.split_rngs(splits=c.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -309,6 +313,10 @@ class Transformer(nnx.Module):
       x_BxLxD = fast_lookup(table_VxD, tokens_BxL)
     else:
       x_BxLxD = jnp.take(table_VxD, tokens_BxL, axis=0)
+    if c.positions != "rope":
+      # Absolute positions: the slot (offset by the cache index) or the packed position.
+      x_BxLxD = x_BxLxD + jnp.take(self.position_embedding_PxD[...].astype(dtype),
+                                   positions_BxL, axis=0)
     x_BxLxD = constrain(x_BxLxD, ("batch", "length", "embed"))
 
     def layer(block, x_BxLxD, kv):
