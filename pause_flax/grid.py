@@ -294,10 +294,28 @@ gin.external_configurable(Stage, "Stage")
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise flags.Error(f"Unexpected arguments: {argv[1:]}")
+  from pause_flax import control  # pylint: disable=g-import-not-at-top,unused-import  # run_control.*
   gin_utils.parse_gin_flags()
   train_cli.register_tasks()
-  results = run_grid_configurable(mesh=train_cli.make_mesh())
+  mesh = train_cli.make_mesh()
+  control_results = _run_controls_first(mesh)
+  results = run_grid_configurable(mesh=mesh)
+  if control_results is not None:
+    print(control.results_markdown(control_results))
   print(results_markdown(results))
+
+
+def _run_controls_first(mesh: jax.sharding.Mesh) -> dict | None:
+  """The pause controls (pause_flax.control) in GRID_DIR/control, when gin sets run_control.*."""
+  try:
+    gin.query_parameter("run_control.tasks")
+  except ValueError:
+    return None
+  from pause_flax import control  # pylint: disable=g-import-not-at-top
+  grid_dir = gin.query_parameter("run_grid.grid_dir")
+  grid_dir = grid_dir.scoped_configurable_fn() if hasattr(grid_dir, "scoped_configurable_fn") else grid_dir
+  return control.run_control_configurable(control_dir=os.path.join(grid_dir, "control"),
+                                          mesh=mesh)
 
 
 def console_main() -> None:

@@ -27,6 +27,7 @@ from pause_flax.training import optimizer as optimizer_lib
 cli = importlib.import_module("pause_flax.train")
 importlib.import_module("pause_flax.eval")
 grid = importlib.import_module("pause_flax.grid")
+control = importlib.import_module("pause_flax.control")
 
 GIN_ROOT = os.path.join(gin_utils.REPO_ROOT, "gin_configs")
 GIN_FILES = sorted(os.path.relpath(p, gin_utils.REPO_ROOT)
@@ -164,3 +165,14 @@ def test_grid_files_bind_a_complete_grid(path):
     assert set(b["metric"]) == set(b["tasks"])
   else:
     assert len(b["seeds"]) >= 8
+
+
+@pytest.mark.parametrize("path", ["gin_configs/local/positive_control.gin",
+                                  "gin_configs/local/grid.gin"])
+def test_control_bindings(path):
+  """The controls: parity first, >= 3 seeds, the negative control kept."""
+  gin.parse_config_file(os.path.join(gin_utils.REPO_ROOT, path))
+  gin.parse_config(["CONTROL_DIR = '/tmp/c'", "GRID_DIR = '/tmp/g'"])
+  b = gin.get_bindings("run_control")
+  assert b["tasks"][0] == "synthetic_parity" and "synthetic_count" in b["tasks"]
+  assert len(set(b["seeds"])) >= 3 and b["num_pauses"]["synthetic_parity"] == 20
