@@ -339,10 +339,10 @@ def imported_vocabulary(path: str):
 
 def imported_model_config(path: str, **overrides) -> transformer_lib.TransformerConfig:
   """The TransformerConfig of an imported model, with overrides (e.g. dtype, max_len)."""
-  info = read_import_info(path)
   if overrides.get("positions", "rope") != "rope":
     raise ValueError(f"positions={overrides['positions']!r} for the imported model {path!r}: "
                      "Hugging Face Llama has RoPE only; keep positions='rope'.")
+  info = read_import_info(path)
   return transformer_lib.TransformerConfig(**{**info["model_config"], **overrides})
 
 

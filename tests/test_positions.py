@@ -54,3 +54,9 @@ def test_learned_positions_change_the_output_with_the_position():
   x = jnp.asarray([[7, 7, 7, 7]], jnp.int32)
   h = model(x)[0]
   assert not np.allclose(h[1], h[2])
+
+
+def test_hf_import_refuses_non_rope_positions():
+  from pause_flax import hf_checkpoint  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="RoPE only"):
+    hf_checkpoint.imported_model_config("/nonexistent", positions="learned")
