@@ -36,3 +36,20 @@ def test_detected_only_when_every_check_passes(tmp_path):
 def test_tasks_without_pause_targets_have_no_supervised_arm():
   assert control.task_arms("synthetic_count", control.ARMS) == ["NoPause", "Filler", "Pause"]
   assert "SupervisedPause" in control.task_arms("synthetic_parity", control.ARMS)
+
+
+def test_grid_runs_the_controls_first_only_when_bound(monkeypatch):
+  import gin  # pylint: disable=g-import-not-at-top
+  from pause_flax import grid  # pylint: disable=g-import-not-at-top
+  calls = []
+  monkeypatch.setattr(control, "run_control_configurable",
+                      lambda **kw: calls.append(kw["control_dir"]) or {})
+  gin.clear_config()
+  try:
+    gin.parse_config(["run_grid.grid_dir = '/tmp/g'"])
+    assert grid._run_controls_first(None) is None and not calls   # pylint: disable=protected-access
+    gin.parse_config(["run_control.tasks = ['synthetic_parity']"])
+    assert grid._run_controls_first(None) == {}   # pylint: disable=protected-access
+    assert calls == ["/tmp/g/control"]
+  finally:
+    gin.clear_config()
