@@ -1,6 +1,5 @@
 """Supervised pauses: the targets and weights the task asked for, and nothing else changes."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
