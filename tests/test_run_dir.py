@@ -201,3 +201,18 @@ def test_missing_required_macro_says_how_to_set_it(tmp_path, clean_gin):
 def test_missing_gin_file_is_named(tmp_path, clean_gin):
   with pytest.raises(gin_utils.ConfigError, match="--gin_file=nope.gin not found"):
     gin_utils.parse_gin(["nope.gin"], [], [str(tmp_path)])
+
+
+@pytest.mark.parametrize("module, gin_file, macro", [
+    ("pause_flax.eval", "gin_configs/runs/eval.gin", "CHECKPOINT_PATH"),
+    ("pause_flax.grid", "gin_configs/local/grid.gin", "GRID_DIR"),
+])
+def test_gin_clis_refuse_in_one_line(module, gin_file, macro):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+  result = subprocess.run([sys.executable, "-m", module, f"--gin_file={gin_file}"],
+                          cwd=gin_utils.REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+  (line,) = [l for l in result.stderr.splitlines() if l.startswith(f"{module}:")]
+  assert f"{macro} is required and not set: pass --gin.{macro}=" in line
