@@ -92,10 +92,11 @@ def test_overridable_change_needs_allow_changes():
   assert {c.name for c in accepted} == {"LEARNING_RATE", "TRAIN_STEPS"}
 
 
-def test_accepted_changes_are_recorded(tmp_path):
+def test_accepted_changes_are_described_as_a_json_line():
   changes = run_dir.compare_configs(SAVED, changed(TRAIN_STEPS=40))
-  run_dir.log_accepted(str(tmp_path), 20, changes)
-  (row,) = [json.loads(l) for l in open(tmp_path / "resume_changes.jsonl")]
+  line = run_dir.describe_accepted(20, changes)
+  assert line.endswith("\n") and line.count("\n") == 1
+  row = json.loads(line)
   assert row["step"] == 20
   assert row["changes"] == [{"name": "TRAIN_STEPS", "old": "20", "new": "40",
                              "kind": "safe"}]

@@ -163,7 +163,10 @@ def train(*, model_dir: str,
       if config_text is not None:
         with open_for_write(os.path.join(model_dir, "config.gin")) as f:
           f.write(config_text)
-      run_dir.log_accepted(model_dir, start_step, accepted)
+      if accepted:
+        history = _read_text(os.path.join(model_dir, run_dir.CHANGES_NAME)) or ""
+        with open_for_write(os.path.join(model_dir, run_dir.CHANGES_NAME)) as f:
+          f.write(history + run_dir.describe_accepted(start_step, accepted))
     logger = metrics_lib.MetricsLogger(model_dir, total_steps=train_steps)
     logger.truncate_after(start_step)
     return _train_loop(trainer, ckpt, data_iter, state, logger, meta, batch_size=batch_size,
@@ -368,10 +371,8 @@ def _check_resume(ckpt: checkpointing.Checkpointer, model_dir: str,
     _refuse_if_all_damaged(ckpt, model_dir)
     return []
   accepted = []
-  saved_path = os.path.join(model_dir, "config.gin")
-  if config_text is not None and os.path.exists(saved_path):
-    with open(saved_path, encoding="utf-8") as f:
-      saved = f.read()
+  saved = _read_text(os.path.join(model_dir, "config.gin"))
+  if config_text is not None and saved is not None:
     accepted = run_dir.check_resume(run_dir.compare_configs(saved, config_text),
                                     allow_changes, model_dir, steps[-1])
   try:
@@ -430,6 +431,15 @@ def _initial_state(trainer: trainer_lib.Trainer, ckpt: checkpointing.Checkpointe
 def _init_from_vocab_size(init_from: str) -> int:
   """The vocabulary size INIT_FROM's checkpoint records."""
   return int(checkpointing.read_checkpoint_meta(init_from)[1]["vocab_size"])
+
+
+def _read_text(path: str) -> str | None:
+  """A file's text (local or remote, e.g. gs://), or None if there is none."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if not tf.io.gfile.exists(path):
+    return None
+  with tf.io.gfile.GFile(path, "r") as f:
+    return f.read()
 
 
 def tf_gfile_makedirs(path: str) -> None:

@@ -29,6 +29,7 @@ from absl import logging
 from gin import config_parser
 
 LOCK_NAME = "RUN_LOCK"
+CHANGES_NAME = "resume_changes.jsonl"
 
 # Settings a resume may change, by gin parameter (`configurable.param`, or
 # `configurable.*` for all of one configurable's parameters).
@@ -271,12 +272,9 @@ def check_resume(changes: Sequence[Change], allowed: Sequence[str], model_dir: s
   return list(changes)
 
 
-def log_accepted(model_dir: str, step: int, changes: Sequence[Change]) -> None:
-  """Logs accepted changes and appends them to MODEL_DIR/resume_changes.jsonl."""
-  if not changes:
-    return
+def describe_accepted(step: int, changes: Sequence[Change]) -> str:
+  """Logs accepted changes; returns their line for MODEL_DIR/resume_changes.jsonl."""
   logging.warning("Resuming at step %d with changed settings: %s.", step,
                   "; ".join(map(str, changes)))
-  with open(os.path.join(model_dir, "resume_changes.jsonl"), "a", encoding="utf-8") as f:
-    f.write(json.dumps({"time": time.time(), "step": step,
-                        "changes": [dataclasses.asdict(c) for c in changes]}) + "\n")
+  return json.dumps({"time": time.time(), "step": step,
+                     "changes": [dataclasses.asdict(c) for c in changes]}) + "\n"
