@@ -79,6 +79,7 @@ def train(*, model_dir: str,
           init_from: str | None = None,
           skip_nonfinite_updates: int = 0,
           allow_changes: Sequence[str] = (),
+          wandb: metrics_lib.WandbOptions | None = None,
           optimizer=None,
           config_str=None,
           extra_metrics_hook=None,
@@ -98,6 +99,8 @@ def train(*, model_dir: str,
   `data_shards` (default: the process count) fixes how the data source is
   split; keeping it fixed gives the same global batches on any number of
   processes that divides it.
+  `wandb` (project set) also logs the metrics and the gin config to Weights &
+  Biases.
   """
   mesh = parallel.make_mesh() if mesh is None else mesh
   _validate_run(model_dir, batch_size, train_steps, accum_steps, log_every, mesh, rules)
@@ -164,7 +167,8 @@ def train(*, model_dir: str,
         with open_for_write(os.path.join(model_dir, "config.gin")) as f:
           f.write(config_text)
       run_dir.log_accepted(model_dir, start_step, accepted)
-    logger = metrics_lib.MetricsLogger(model_dir, total_steps=train_steps)
+    logger = metrics_lib.MetricsLogger(model_dir, total_steps=train_steps, wandb=wandb,
+                                       config_text=config_text)
     logger.truncate_after(start_step)
     return _train_loop(trainer, ckpt, data_iter, state, logger, meta, batch_size=batch_size,
                        seq_len=seq_len, train_steps=train_steps, log_every=log_every,
