@@ -1,5 +1,5 @@
-"""Experiment tracking: W&B (offline) of a tiny run through the gin files,
-resumed into the same W&B run."""
+"""Experiment tracking and profiling: W&B (offline) and jax.profiler traces of
+a tiny run through the gin files, resumed with new tracking settings (safe)."""
 
 import glob
 import json
@@ -12,6 +12,7 @@ import pytest
 
 from pause_flax import gin_utils
 from pause_flax.training import metrics as metrics_lib
+from pause_flax.training import profiling
 
 pytestmark = pytest.mark.slow
 
@@ -36,6 +37,80 @@ def train_with_gin(model_dir, steps, *bindings):
 
 def read_metrics(model_dir):
   return {r["step"]: r for r in metrics_lib.read_metrics(model_dir)}
+
+
+# -- profiling ----------------------------------------------------------------
+
+
+class FakeProfiler:
+  def __init__(self, monkeypatch):
+    self.calls = []
+    monkeypatch.setattr(profiling.jax.profiler, "start_trace",
+                        lambda log_dir: self.calls.append(("start", log_dir)))
+    monkeypatch.setattr(profiling.jax.profiler, "stop_trace",
+                        lambda: self.calls.append(("stop",)))
+
+  def run(self, profiler, start_step, train_steps):
+    """The loop's calls: `step` before each step, `stop` at the end."""
+    for step in range(start_step, train_steps):
+      profiler.step(step, None)
+      self.calls.append(("step", step + 1))
+    profiler.stop()
+    return self.calls
+
+
+def test_profile_window_covers_the_requested_steps(monkeypatch, tmp_path):
+  calls = FakeProfiler(monkeypatch).run(profiling.StepProfiler(str(tmp_path), (2, 3)), 0, 8)
+  log_dir = str(tmp_path / "profile")
+  assert calls == [("step", 1), ("step", 2), ("start", log_dir), ("step", 3), ("step", 4),
+                   ("step", 5), ("stop",), ("step", 6), ("step", 7), ("step", 8)]
+
+
+def test_profile_window_cut_by_the_run_end_is_stopped(monkeypatch, tmp_path):
+  calls = FakeProfiler(monkeypatch).run(profiling.StepProfiler(str(tmp_path), (1, 10)), 0, 3)
+  assert [c[0] for c in calls] == ["step", "start", "step", "step", "stop"]
+
+
+@pytest.mark.parametrize("profile_steps, start_step, is_primary", [
+    (None, 0, True),     # off
+    ((2, 3), 3, True),   # resumed past the window's start
+    ((2, 3), 0, False),  # only process 0 traces
+])
+def test_nothing_is_traced(monkeypatch, tmp_path, profile_steps, start_step, is_primary):
+  profiler = profiling.StepProfiler(str(tmp_path), profile_steps, is_primary=is_primary)
+  calls = FakeProfiler(monkeypatch).run(profiler, start_step, 8)
+  assert [c[0] for c in calls] == ["step"] * (8 - start_step)
+  assert not os.path.exists(tmp_path / "profile")
+
+
+@pytest.mark.parametrize("bad", [(-1, 2), (3, 0), (3,), "10"])
+def test_bad_profile_steps_name_the_setting(bad):
+  with pytest.raises(ValueError, match=r"train\.profile_steps=.*\(start, count\)"):
+    profiling.StepProfiler("/tmp/x", bad)
+
+
+def traced_steps(xplane_path):
+  """The step numbers of the "train" step annotations in an .xplane.pb."""
+  from jax.profiler import ProfileData  # pylint: disable=g-import-not-at-top
+  steps = set()
+  for plane in ProfileData.from_file(xplane_path).planes:
+    for line in plane.lines:
+      for event in line.events:
+        if event.name == "train":
+          steps.update(int(v) for k, v in event.stats if k == "step_num")
+  return steps
+
+
+def test_trace_appears_only_for_the_requested_steps(tmp_path):
+  model_dir = tmp_path / "run"
+  train_with_gin(model_dir, 2)
+  assert not os.path.exists(model_dir / "profile")  # off by default
+  # Turned on when resuming (a safe change): steps 3 and 4 of 5.
+  train_with_gin(model_dir, 5, "train.profile_steps = (2, 2)")
+  (trace,) = glob.glob(str(model_dir / "profile/plugins/profile/*/*.xplane.pb"))
+  assert os.path.getsize(trace) > 0
+  assert traced_steps(trace) == {3, 4}
+  assert sorted(read_metrics(model_dir)) == [1, 2, 3, 4, 5]
 
 
 # -- Weights & Biases -------------------------------------------------------------------
@@ -126,3 +201,4 @@ def test_wandb_offline_logs_scalars_and_config_and_resumes_into_the_same_run(
   assert first_config["TRAIN_STEPS"] == 3 and second_config["TRAIN_STEPS"] == 5
   assert first_config["WandbOptions.project"] == "%WANDB_PROJECT"
   assert first_config["WANDB_PROJECT"] == "pause-flax-test"
+  assert not os.path.exists(model_dir / "profile")  # profiling stays off
