@@ -40,6 +40,11 @@ setuptools.setup(
             "transformers>=4.45,<6",
             "safetensors>=0.4.3,<1",
             "tokenizers>=0.20,<0.24",
+            "wandb>=0.17,<1",  # tests/test_tracking.py reads an offline run
+        ],
+        # Weights & Biases logging (WANDB_PROJECT; docs/training.md).
+        "wandb": [
+            "wandb>=0.17,<1",
         ],
         # Import/export of Hugging Face checkpoints and tokenizers (no torch needed).
         "hf": [

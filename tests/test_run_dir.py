@@ -62,6 +62,9 @@ def test_identical_configs_have_no_changes():
     ({"MODEL_NAME": "'bench_4l'"}, {"MODEL_NAME": "fixed"}),
     ({"train.skip_nonfinite_updates": 3}, {"train.skip_nonfinite_updates": "safe"}),
     ({"train.batch_size": 16}, {"train.batch_size": "fixed"}),  # macro replaced by a value
+    ({"train.profile_steps": "(10, 5)"}, {"train.profile_steps": "safe"}),
+    ({"train.wandb": "@WandbOptions()", "WandbOptions.project": "'pause'"},
+     {"train.wandb": "safe", "WandbOptions.project": "safe"}),
 ])
 def test_changes_are_named_as_typed_and_classified(edits, expected):
   assert kinds(changed(**edits)) == expected

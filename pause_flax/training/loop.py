@@ -21,6 +21,7 @@ from pause_flax.model import transformer as transformer_lib
 from pause_flax.training import checkpointing
 from pause_flax.training import metrics as metrics_lib
 from pause_flax.training import optimizer as optimizer_lib
+from pause_flax.training import profiling
 from pause_flax.training import run_dir
 from pause_flax.training import trainer as trainer_lib
 
@@ -79,6 +80,8 @@ def train(*, model_dir: str,
           init_from: str | None = None,
           skip_nonfinite_updates: int = 0,
           allow_changes: Sequence[str] = (),
+          wandb: metrics_lib.WandbOptions | None = None,
+          profile_steps: tuple[int, int] | None = None,
           optimizer=None,
           config_str=None,
           extra_metrics_hook=None,
@@ -98,9 +101,13 @@ def train(*, model_dir: str,
   `data_shards` (default: the process count) fixes how the data source is
   split; keeping it fixed gives the same global batches on any number of
   processes that divides it.
+  `wandb` (project set) also logs the metrics and the gin config to Weights &
+  Biases; `profile_steps=(start, count)` traces steps start+1..start+count
+  into MODEL_DIR/profile (see `profiling.StepProfiler`).
   """
   mesh = parallel.make_mesh() if mesh is None else mesh
   _validate_run(model_dir, batch_size, train_steps, accum_steps, log_every, mesh, rules)
+  profiler = profiling.StepProfiler(model_dir, profile_steps)
 
   from pause_flax.data import pipeline  # seqio/TF: only once a run starts
   from pause_flax.data import tasks as tasks_lib
@@ -167,13 +174,15 @@ def train(*, model_dir: str,
         history = _read_text(os.path.join(model_dir, run_dir.CHANGES_NAME)) or ""
         with open_for_write(os.path.join(model_dir, run_dir.CHANGES_NAME)) as f:
           f.write(history + run_dir.describe_accepted(start_step, accepted))
-    logger = metrics_lib.MetricsLogger(model_dir, total_steps=train_steps)
+    logger = metrics_lib.MetricsLogger(model_dir, total_steps=train_steps, wandb=wandb,
+                                       config_text=config_text)
     logger.truncate_after(start_step)
     return _train_loop(trainer, ckpt, data_iter, state, logger, meta, batch_size=batch_size,
                        seq_len=seq_len, train_steps=train_steps, log_every=log_every,
                        flops_per_step=flops_per_step, peak=peak,
                        skip_nonfinite_updates=skip_nonfinite_updates,
-                       extra_metrics_hook=extra_metrics_hook, eval_hook=eval_hook)
+                       extra_metrics_hook=extra_metrics_hook, eval_hook=eval_hook,
+                       profiler=profiler)
   finally:
     try:
       if ckpt is not None:
@@ -187,7 +196,7 @@ def train(*, model_dir: str,
 
 def _train_loop(trainer, ckpt, data_iter, state, logger, meta, *, batch_size, seq_len,
                 train_steps, log_every, flops_per_step, peak, skip_nonfinite_updates,
-                extra_metrics_hook, eval_hook) -> list[dict]:
+                extra_metrics_hook, eval_hook, profiler) -> list[dict]:
   """Steps from `state.step` to `train_steps`: metrics at log steps, checkpoints."""
   from pause_flax.data import pipeline  # pylint: disable=g-import-not-at-top
   start_step = int(state.step)
@@ -198,6 +207,7 @@ def _train_loop(trainer, ckpt, data_iter, state, logger, meta, *, batch_size, se
   window_start, window_steps = time.perf_counter(), 0
   try:
     for step in range(start_step, train_steps):
+      profiler.step(step, state)
       batch = pipeline.to_global(next(data_iter), trainer.batch_sharding, batch_size)
       state, step_metrics = trainer.train_step(state, batch)
       finite_flags.append(step_metrics["finite"])
@@ -231,6 +241,7 @@ def _train_loop(trainer, ckpt, data_iter, state, logger, meta, *, batch_size, se
                         "command to resume.", stop.signal_name, done)
         raise Preempted(done)
   finally:
+    profiler.stop()
     stop.restore()
   return rows
 

@@ -7,8 +7,8 @@ for `stale_after` seconds) and reported before it is taken over.
 
 `compare_configs` reads the operative gin config saved in MODEL_DIR/config.gin
 and today's, setting by setting, and sorts each change:
-  safe        may change on resume (steps, logging, checkpointing, evaluation,
-              the mesh): accepted and logged
+  safe        may change on resume (steps, logging, W&B, profiling,
+              checkpointing, evaluation, the mesh): accepted and logged
   overridable accepted only when named in `train.allow_changes` (optimizer
               and schedule settings: the state still fits, the run changes)
   fixed       never on resume (model, data, pause settings): a new MODEL_DIR
@@ -38,7 +38,7 @@ SAFE = frozenset({
     "train.skip_nonfinite_updates", "train.allow_changes", "train.extra_metrics_hook",
     "CheckpointOptions.*", "eval_during_training.*", "make_mesh.*",
     "model_config.kernels", "model_config.attention_impl", "model_config.remat",
-    "model_config.remat_policy",
+    "model_config.remat_policy", "train.wandb", "WandbOptions.*", "train.profile_steps",
 })
 # Settings a resume never changes: the model, the data and the pause settings.
 FIXED = frozenset({
