@@ -40,11 +40,16 @@ setuptools.setup(
             "transformers>=4.45,<6",
             "safetensors>=0.4.3,<1",
             "tokenizers>=0.20,<0.24",
+            "lm-eval>=0.4,<0.5",  # tests/test_lm_eval.py (pulls torch, already here)
         ],
         # Import/export of Hugging Face checkpoints and tokenizers (no torch needed).
         "hf": [
             "safetensors>=0.4.3,<1",
             "tokenizers>=0.20,<0.24",
+        ],
+        # The lm-evaluation-harness adapter (python -m pause_flax.lm_eval); pulls torch.
+        "lm_eval": [
+            "lm-eval>=0.4,<0.5",
         ],
     },
     entry_points={
@@ -52,6 +57,7 @@ setuptools.setup(
             "pause-flax-train=pause_flax.train:console_main",
             "pause-flax-grid=pause_flax.grid:console_main",
             "pause-flax-eval=pause_flax.eval:console_main",
+            "pause-flax-lm-eval=pause_flax.lm_eval:console_main",
         ],
     },
     include_package_data=True,
