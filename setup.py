@@ -41,6 +41,7 @@ setuptools.setup(
             "safetensors>=0.4.3,<1",
             "tokenizers>=0.20,<0.24",
             "wandb>=0.17,<1",  # tests/test_tracking.py reads an offline run
+            "lm-eval>=0.4,<0.5",  # tests/test_lm_eval.py (pulls torch, already here)
         ],
         # Weights & Biases logging (WANDB_PROJECT; docs/training.md).
         "wandb": [
@@ -51,12 +52,17 @@ setuptools.setup(
             "safetensors>=0.4.3,<1",
             "tokenizers>=0.20,<0.24",
         ],
+        # The lm-evaluation-harness adapter (python -m pause_flax.lm_eval); pulls torch.
+        "lm_eval": [
+            "lm-eval>=0.4,<0.5",
+        ],
     },
     entry_points={
         "console_scripts": [
             "pause-flax-train=pause_flax.train:console_main",
             "pause-flax-grid=pause_flax.grid:console_main",
             "pause-flax-eval=pause_flax.eval:console_main",
+            "pause-flax-lm-eval=pause_flax.lm_eval:console_main",
         ],
     },
     include_package_data=True,
