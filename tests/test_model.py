@@ -438,8 +438,8 @@ def test_bad_config_fails_clearly():
     dataclasses.replace(TINY, remat_policy="some")
   with pytest.raises(ValueError, match="attention_impl='flash'; choose one of"):
     dataclasses.replace(TINY, attention_impl="flash")
-  with pytest.raises(ValueError, match="kernels='tpu'; choose one of"):
-    dataclasses.replace(TINY, kernels="tpu")
+  with pytest.raises(ValueError, match="kernels='mps'; choose one of"):
+    dataclasses.replace(TINY, kernels="mps")
   with pytest.raises(ValueError, match="Unknown model config"):
     tfm.model_config("paper_7b")
 
