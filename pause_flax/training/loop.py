@@ -205,12 +205,14 @@ def _train_loop(trainer, ckpt, data_iter, state, logger, meta, *, batch_size, se
   finite_flags = []
   nonfinite = _NonFiniteGuard(skip_nonfinite_updates)
   window_start, window_steps = time.perf_counter(), 0
+  window_weights = []  # each step's weighted target tokens, summed at the log step
   try:
     for step in range(start_step, train_steps):
       profiler.step(step, state)
       batch = pipeline.to_global(next(data_iter), trainer.batch_sharding, batch_size)
       state, step_metrics = trainer.train_step(state, batch)
       finite_flags.append(step_metrics["finite"])
+      window_weights.append(step_metrics["weighted_tokens"])
       window_steps += 1
       done = step + 1
       if done % log_every == 0 or done == train_steps:
@@ -220,7 +222,10 @@ def _train_loop(trainer, ckpt, data_iter, state, logger, meta, *, batch_size, se
         metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
         metrics.pop("finite")
         step_time = (time.perf_counter() - window_start) / window_steps
-        window_start, window_steps = time.perf_counter(), 0
+        # Trained (loss-weighted target) tokens per second over the same window.
+        trained_tokens = float(sum(jax.device_get(window_weights)))
+        metrics["trained_tokens_per_sec"] = trained_tokens / (step_time * window_steps)
+        window_start, window_steps, window_weights = time.perf_counter(), 0, []
         metrics["step_time"] = step_time
         metrics["tokens_per_sec"] = batch_size * seq_len / step_time
         metrics["mfu"] = flops_per_step / step_time / peak

@@ -2,9 +2,11 @@
 and console progress.
 
 Only process 0 writes files (and logs to W&B); every process may log to its
-console. MFU is model FLOPs per second (see
-`pause_flax.model.transformer.flops_per_token`) over the devices' peak FLOPs
-per second.
+console. tokens_per_sec counts every input slot (batch x length);
+trained_tokens_per_sec counts the targets the loss weighs (pauses, prompts and
+padding excluded), summed over the steps of the logging window. MFU is model
+FLOPs per second (see `pause_flax.model.transformer.flops_per_token`) over the
+devices' peak FLOPs per second.
 """
 
 from __future__ import annotations
@@ -211,6 +213,8 @@ class MetricsLogger:
       parts.append(f"acc {row['accuracy']:.3f}")
     if "tokens_per_sec" in row:
       parts.append(f"{row['tokens_per_sec']:,.0f} tok/s")
+    if "trained_tokens_per_sec" in row:
+      parts.append(f"{row['trained_tokens_per_sec']:,.0f} trained tok/s")
     if "mfu" in row:
       parts.append(f"MFU {100 * row['mfu']:.1f}%")
     parts.append(f"{rate:.2f} steps/s")
