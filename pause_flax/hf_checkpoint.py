@@ -337,6 +337,7 @@ def imported_vocabulary(path: str):
   return hf_vocab.imported_vocabulary(path)
 
 
+@gin.configurable
 def imported_model_config(path: str, **overrides) -> transformer_lib.TransformerConfig:
   """The TransformerConfig of an imported model, with overrides (e.g. dtype, max_len)."""
   info = read_import_info(path)
