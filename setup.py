@@ -14,10 +14,11 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["pause_flax", "pause_flax.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "jax>=0.5.0,<0.12",
-        "flax>=0.12.0,<0.14",
-        "optax>=0.2.4,<0.4",
-        "orbax-checkpoint>=0.11.0,<0.14",
+        "jax>=0.5.0,<0.13",
+        "jaxlib>=0.5.0,<0.13",
+        "flax>=0.12.0,<0.13",
+        "optax>=0.2.4,<0.3",
+        "orbax-checkpoint>=0.11.0,<0.13",
         "chex>=0.1.87,<0.3",
         "seqio>=0.0.19,<0.1",
         "tensorflow-datasets>=4.9.4,<5",
@@ -40,11 +41,21 @@ setuptools.setup(
             "transformers>=4.45,<6",
             "safetensors>=0.4.3,<1",
             "tokenizers>=0.20,<0.24",
+            "wandb>=0.17,<1",  # tests/test_tracking.py reads an offline run
+            "lm-eval>=0.4,<0.5",  # tests/test_lm_eval.py (pulls torch, already here)
+        ],
+        # Weights & Biases logging (WANDB_PROJECT; docs/training.md).
+        "wandb": [
+            "wandb>=0.17,<1",
         ],
         # Import/export of Hugging Face checkpoints and tokenizers (no torch needed).
         "hf": [
             "safetensors>=0.4.3,<1",
             "tokenizers>=0.20,<0.24",
+        ],
+        # The lm-evaluation-harness adapter (python -m pause_flax.lm_eval); pulls torch.
+        "lm_eval": [
+            "lm-eval>=0.4,<0.5",
         ],
     },
     entry_points={
@@ -52,6 +63,7 @@ setuptools.setup(
             "pause-flax-train=pause_flax.train:console_main",
             "pause-flax-grid=pause_flax.grid:console_main",
             "pause-flax-eval=pause_flax.eval:console_main",
+            "pause-flax-lm-eval=pause_flax.lm_eval:console_main",
         ],
     },
     include_package_data=True,

@@ -20,6 +20,15 @@ both) over the f32 matmul peak (best square jnp.dot), measured before and
 after every round; the best measurement is used.
 
   python benchmarks/vs_maxtext.py --rounds 3 --steps 30
+
+--shape checks another shape (keys layers, d_model, heads, kv_heads, head_dim,
+mlp, vocab, seq; unnamed keys keep bench_4l's; kv_heads defaults to heads,
+head_dim to d_model / heads); --dry_run only builds both frameworks'
+configs for it (pause_flax's TransformerConfig and abstract model, MaxText's
+pyconfig) and prints them, without training:
+
+  python benchmarks/vs_maxtext.py --dry_run \
+      --shape layers=12,d_model=768,heads=12,mlp=3072,vocab=32000,seq=1024
 """
 
 from __future__ import annotations
@@ -36,11 +45,10 @@ import zipfile
 
 MAXTEXT_VERSION = '0.2.5'
 REQUIREMENTS = 'dependencies/requirements/generated_requirements/decoupled-requirements.txt'
-SEQ_LEN, BATCH = 256, 8
-MAXTEXT_MODEL = (
-    'base_num_decoder_layers=4 base_emb_dim=256 base_num_query_heads=4 base_num_kv_heads=4 '
-    'head_dim=64 base_mlp_dim=1024 vocab_size=32000 dtype=float32 weight_dtype=float32 '
-    f'max_target_length={SEQ_LEN}').split()
+BATCH = 8
+# bench_4l (gated SiLU MLP, untied head, float32), sequence length 256.
+DEFAULT_SHAPE = dict(layers=4, d_model=256, heads=4, kv_heads=None, head_dim=64, mlp=1024,
+                     vocab=32000, seq=256)
 SETTINGS = ('maxtext:1', 'maxtext:2', 'pause_flax:1', 'pause_flax:2')
 
 
@@ -54,9 +62,110 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument('--cache_dir', default=os.path.expanduser('~/.cache/pause_flax_bench'))
   parser.add_argument('--loss_chunk_len', type=int, default=32,
                       help='pause_flax StepOptions.loss_chunk_len (0: plain logits path)')
+  parser.add_argument('--shape', default='',
+                      help='model shape, KEY=VALUE,... over ' + ', '.join(DEFAULT_SHAPE)
+                      + " (default bench_4l's, sequence 256)")
+  parser.add_argument('--dry_run', action='store_true',
+                      help="only build both frameworks' configs for --shape and print them")
   parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
   parser.add_argument('--devices', type=int, default=1, help=argparse.SUPPRESS)
-  return parser.parse_args()
+  args = parser.parse_args()
+  try:
+    args.model_shape = parse_shape(args.shape)
+  except ValueError as e:
+    parser.error(str(e))
+  return args
+
+
+def parse_shape(text: str) -> dict[str, int]:
+  """KEY=VALUE,... over DEFAULT_SHAPE's keys; the rest keep bench_4l's."""
+  shape = dict(DEFAULT_SHAPE)
+  named = set()
+  for item in filter(None, text.split(',')):
+    key, _, value = item.partition('=')
+    if key not in shape or not value.isdigit() or int(value) < 1:
+      raise ValueError(f'--shape item {item!r}: use KEY=POSITIVE_INT with KEY in '
+                       f'{", ".join(DEFAULT_SHAPE)}.')
+    shape[key] = int(value)
+    named.add(key)
+  if 'head_dim' not in named and ({'d_model', 'heads'} & named):
+    if shape['d_model'] % shape['heads']:
+      raise ValueError(f'd_model={shape["d_model"]} is not divisible by heads={shape["heads"]}; '
+                       'give head_dim.')
+    shape['head_dim'] = shape['d_model'] // shape['heads']
+  if shape['kv_heads'] is None:
+    shape['kv_heads'] = shape['heads']
+  return shape
+
+
+def shape_arg(shape: dict[str, int]) -> str:
+  return ','.join(f'{k}={v}' for k, v in shape.items())
+
+
+def maxtext_model(shape: dict[str, int]) -> list[str]:
+  """MaxText overrides for the shape (its default LLAMA2 block: gated SiLU, untied head)."""
+  return [f'base_num_decoder_layers={shape["layers"]}', f'base_emb_dim={shape["d_model"]}',
+          f'base_num_query_heads={shape["heads"]}', f'base_num_kv_heads={shape["kv_heads"]}',
+          f'head_dim={shape["head_dim"]}', f'base_mlp_dim={shape["mlp"]}',
+          f'vocab_size={shape["vocab"]}', 'dtype=float32', 'weight_dtype=float32',
+          f'max_target_length={shape["seq"]}']
+
+
+def pause_flax_config(shape: dict[str, int]):
+  """bench_4l's TransformerConfig with the shape's sizes."""
+  from pause_flax.model import transformer
+  return transformer.model_config(
+      'bench_4l', num_layers=shape['layers'], d_model=shape['d_model'],
+      num_heads=shape['heads'], num_kv_heads=shape['kv_heads'], head_dim=shape['head_dim'],
+      mlp_dim=shape['mlp'], vocab_size=shape['vocab'], max_len=shape['seq'])
+
+
+def _maxtext_base_yml(python: str) -> str:
+  return subprocess.run(
+      [python, '-c', 'import maxtext, os; print(os.path.join(os.path.dirname('
+       'maxtext.__file__), "configs", "base.yml"))'],
+      check=True, capture_output=True, text=True).stdout.strip()
+
+
+def _maxtext_env() -> dict[str, str]:
+  env = dict(os.environ, DECOUPLE_GCLOUD='TRUE', JAX_PLATFORMS='cpu', JOB_INDEX='0',
+             JOB_COMPLETION_INDEX='0', PROCESSES_IN_JOB='1', JAX_PROCESS_COUNT='1',
+             JAX_COORDINATOR_ADDRESS='127.0.0.1')
+  env.pop('XLA_FLAGS', None)
+  return env
+
+
+def dry_run(args: argparse.Namespace) -> None:
+  """Builds both configs for --shape (no training) and prints what each holds."""
+  import jax
+  from flax import nnx
+
+  from pause_flax.model import transformer
+  shape = args.model_shape
+  config = pause_flax_config(shape)
+  model = nnx.eval_shape(lambda: transformer.Transformer(config, rngs=nnx.Rngs(0)))
+  params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  print(f'shape: {shape_arg(shape)}; batch {BATCH}')
+  print(f'pause_flax: {config}')
+  print(f'pause_flax: {params / 1e6:.2f}M parameter values (padded vocabulary '
+        f'{config.padded_vocab_size}), {transformer.flops_per_token(config, shape["seq"]) / 1e6:.1f} '
+        'MFLOP/token')
+  python = ensure_maxtext(args.cache_dir)
+  overrides = maxtext_model(shape)
+  code = ('import sys; from maxtext.configs import pyconfig; '
+          'c = pyconfig.initialize([""] + sys.argv[1:]); '
+          'print({k: getattr(c, k) for k in ("num_decoder_layers", "emb_dim", "num_query_heads", '
+          '"num_kv_heads", "head_dim", "mlp_dim", "vocab_size", "max_target_length", '
+          '"mlp_activations", "logits_via_embedding", "dtype")})')
+  out = subprocess.run([python, '-c', code, _maxtext_base_yml(python), 'run_name=dry_run',
+                        'hardware=cpu', 'dataset_type=synthetic', 'enable_checkpointing=false',
+                        f'per_device_batch_size={BATCH}', *overrides],
+                       env=_maxtext_env(), capture_output=True, text=True)
+  if out.returncode:
+    sys.stderr.write((out.stdout + out.stderr)[-3000:])
+    raise SystemExit(f'MaxText config failed (exit {out.returncode}).')
+  print(f'MaxText {MAXTEXT_VERSION}: {" ".join(overrides)}')
+  print(f'MaxText {MAXTEXT_VERSION} config: {out.stdout.strip().splitlines()[-1]}')
 
 
 # ---------------------------------------------------------------------------
@@ -103,14 +212,9 @@ def ensure_maxtext(cache_dir: str) -> str:
 
 def run_maxtext(python: str, devices: int, args: argparse.Namespace, run: str) -> float:
   """Tokens/s of one MaxText run: timed steps over the sum of their logged seconds."""
-  base_yml = subprocess.run(
-      [python, '-c', 'import maxtext, os; print(os.path.join(os.path.dirname('
-       'maxtext.__file__), "configs", "base.yml"))'],
-      check=True, capture_output=True, text=True).stdout.strip()
-  env = dict(os.environ, DECOUPLE_GCLOUD='TRUE', JAX_PLATFORMS='cpu', JOB_INDEX='0',
-             JOB_COMPLETION_INDEX='0', PROCESSES_IN_JOB='1', JAX_PROCESS_COUNT='1',
-             JAX_COORDINATOR_ADDRESS='127.0.0.1')
-  env.pop('XLA_FLAGS', None)
+  base_yml = _maxtext_base_yml(python)
+  seq = args.model_shape['seq']
+  env = _maxtext_env()
   overrides = [f'per_device_batch_size={BATCH // devices}']
   if devices > 1:
     env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
@@ -119,7 +223,7 @@ def run_maxtext(python: str, devices: int, args: argparse.Namespace, run: str) -
   cmd = [python, '-m', 'maxtext.trainers.pre_train.train', base_yml, f'run_name={run}',
          f'base_output_directory={os.path.join(args.cache_dir, "out")}', 'hardware=cpu',
          'dataset_type=synthetic', 'enable_checkpointing=false', 'enable_tensorboard=false',
-         f'steps={steps}', *MAXTEXT_MODEL, *overrides]
+         f'steps={steps}', *maxtext_model(args.model_shape), *overrides]
   out = subprocess.run(cmd, env=env, capture_output=True, text=True)
   seconds = {int(m[1]): float(m[2]) for m in re.finditer(
       r'completed step: (\d+), seconds: ([\d.]+)', out.stdout + out.stderr)}
@@ -127,7 +231,7 @@ def run_maxtext(python: str, devices: int, args: argparse.Namespace, run: str) -
   if out.returncode or None in timed:
     sys.stderr.write((out.stdout + out.stderr)[-5000:])
     raise SystemExit(f'MaxText run failed (exit {out.returncode}).')
-  return args.steps * BATCH * SEQ_LEN / sum(timed)
+  return args.steps * BATCH * seq / sum(timed)
 
 
 # ---------------------------------------------------------------------------
@@ -135,20 +239,20 @@ def run_maxtext(python: str, devices: int, args: argparse.Namespace, run: str) -
 
 
 def pause_flax_worker(args: argparse.Namespace) -> None:
-  """Prints {"tokens_per_s": ...} for `bench_4l` on a data-parallel mesh."""
+  """Prints {"tokens_per_s": ...} for `bench_4l` (or --shape) on a data-parallel mesh."""
   import jax
   import step_timing
 
   from pause_flax import parallel
-  from pause_flax.model import transformer
   from pause_flax.training import optimizer, trainer
 
-  config = transformer.model_config('bench_4l', max_len=SEQ_LEN)
+  config = pause_flax_config(args.model_shape)
+  seq = args.model_shape['seq']
   mesh = parallel.make_mesh(data=jax.device_count(), fsdp=1, tensor=1)
   options = trainer.StepOptions(loss_chunk_len=args.loss_chunk_len or None)
   step = trainer.Trainer(config, optimizer.make_optimizer(optimizer.make_schedule(1e-4, 10**6)),
                          mesh, options=options)
-  (rate,), _ = step_timing.tokens_per_second(step, BATCH, SEQ_LEN, warmup=1 + args.warmup,
+  (rate,), _ = step_timing.tokens_per_second(step, BATCH, seq, warmup=1 + args.warmup,
                                              steps=args.steps, repeats=1)
   print(json.dumps({'tokens_per_s': rate}))
 
@@ -158,7 +262,7 @@ def run_pause_flax(devices: int, args: argparse.Namespace) -> float:
              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
   cmd = [sys.executable, os.path.abspath(__file__), '--worker', f'--devices={devices}',
          f'--steps={args.steps}', f'--warmup={args.warmup}',
-         f'--loss_chunk_len={args.loss_chunk_len}']
+         f'--loss_chunk_len={args.loss_chunk_len}', f'--shape={shape_arg(args.model_shape)}']
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env['PYTHONPATH'] = os.pathsep.join(filter(None, [repo, env.get('PYTHONPATH')]))
   out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=repo)
@@ -185,12 +289,16 @@ def main() -> None:
   if args.worker:
     pause_flax_worker(args)
     return
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  if args.dry_run:
+    dry_run(args)
+    return
   settings = args.settings.split(',')
   python = ensure_maxtext(args.cache_dir) if any(s.startswith('maxtext') for s in settings) \
       else None
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from pause_flax.model import transformer
-  flops = transformer.flops_per_token(transformer.model_config('bench_4l'), SEQ_LEN)
+  flops = transformer.flops_per_token(pause_flax_config(args.model_shape),
+                                      args.model_shape['seq'])
   rates: dict[str, list[float]] = {s: [] for s in settings}
   peaks, loads = [matmul_peak()], []
   for r in range(args.rounds):
@@ -206,7 +314,7 @@ def main() -> None:
   print(f'\n{os.cpu_count()} CPUs, load average {min(loads):.1f}-{max(loads):.1f} during runs; '
         f'f32 matmul peak {peak / 1e9:.0f} GFLOP/s (measurements '
         + ', '.join(f'{p / 1e9:.0f}' for p in peaks) + f'); {flops / 1e6:.1f} MFLOP/token; '
-        f'{args.rounds} rounds x {args.steps} steps')
+        f'{args.rounds} rounds x {args.steps} steps; shape {shape_arg(args.model_shape)}')
   print('| framework | devices | tokens/s (median) | min-max | MFU |')
   print('| --- | ---: | ---: | ---: | ---: |')
   median = {s: statistics.median(v) for s, v in rates.items()}

@@ -197,9 +197,11 @@ def run_grid(grid_dir: str, *, model_config: transformer_lib.TransformerConfig,
         for m in m_inf_sweep:
           (result,) = evaluators[key].evaluate(ckpt.model, m).values()
           by_m[str(m)] = result.metrics
-        final_loss = (rows[-1] if rows else _read_jsonl(model_dir)[-1])["loss"]
+        last = rows[-1] if rows else _read_jsonl(model_dir)[-1]
         _write_json(cell, {"task": task, "variant": variant, "seed": seed,
-                           "finetune_task": ft_task, "final_loss": final_loss,
+                           "finetune_task": ft_task, "final_loss": last["loss"],
+                           # the last logging window's rate (the first holds compilation)
+                           "trained_tokens_per_sec": last.get("trained_tokens_per_sec"),
                            "metrics": by_m})
         if not keep_checkpoints:
           shutil.rmtree(os.path.join(model_dir, "checkpoints"), ignore_errors=True)
@@ -249,6 +251,9 @@ def collect(grid_dir: str, tasks: Sequence[str], variants: Sequence[str],
              "per_seed": own,
              "sweep": {str(m): dataclasses.asdict(stats.summarize(list(values(v, m).values())))
                        for m in m_inf_sweep}}
+      rates = [cells[v][s].get("trained_tokens_per_sec") for s in seeds]
+      if all(r is not None for r in rates):  # cells written before the rate was logged lack it
+        row["trained_tokens_per_sec"] = sum(rates) / len(rates)
       if v != BASELINE:
         d = stats.paired_difference(own, base, confidence)
         row["diff"] = {"mean": d.mean, "low": d.low, "high": d.high,
@@ -263,15 +268,18 @@ def results_markdown(results: dict) -> str:
   conf = int(round(100 * results["confidence"]))
   lines = [f"# Pause grid: {n} finetuning seeds", ""]
   for task, block in results["tasks"].items():
+    rate = all("trained_tokens_per_sec" in row for row in block["variants"].values())
     lines += [f"## {task} ({block['metric']}, M_ft = {block['num_pauses']})", "",
-              f"| variant | M_inf | mean ± std | Δ vs {BASELINE} [{conf}% paired CI] |",
-              "| --- | --- | --- | --- |"]
+              f"| variant | M_inf | mean ± std | Δ vs {BASELINE} [{conf}% paired CI] |"
+              + (" finetuning trained tok/s |" if rate else ""),
+              "| --- | --- | --- | --- |" + (" ---: |" if rate else "")]
     for v, row in block["variants"].items():
       diff = row.get("diff")
       cell = "—" if diff is None else (
           f"{diff['mean']:+.2f} [{diff['low']:+.2f}, {diff['high']:+.2f}]"
           + (" **significant**" if diff["significant"] else ""))
-      lines.append(f"| {v} | {row['m_inf']} | {row['mean']:.2f} ± {row['std']:.2f} | {cell} |")
+      lines.append(f"| {v} | {row['m_inf']} | {row['mean']:.2f} ± {row['std']:.2f} | {cell} |"
+                   + (f" {row['trained_tokens_per_sec']:,.0f} |" if rate else ""))
     sweep = results["m_inf_sweep"]
     lines += ["", "M_inf sweep (mean ± std over seeds):", "",
               "| variant | " + " | ".join(f"M_inf={m}" for m in sweep) + " |",

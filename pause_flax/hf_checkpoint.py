@@ -330,13 +330,13 @@ def import_checkpoint(hf_dir: str, out: str, *, max_len: int | None = None,
   return config
 
 
-@gin.configurable
 def imported_vocabulary(path: str):
   """The imported model's vocabulary (`hf_vocab.imported_vocabulary`, kept here by name)."""
   from pause_flax import hf_vocab  # pylint: disable=g-import-not-at-top
   return hf_vocab.imported_vocabulary(path)
 
 
+@gin.configurable
 def imported_model_config(path: str, **overrides) -> transformer_lib.TransformerConfig:
   """The TransformerConfig of an imported model, with overrides (e.g. dtype, max_len)."""
   if overrides.get("positions", "rope") != "rope":

@@ -13,7 +13,12 @@ estimate, so a pod slice can be chosen before paying for it:
 The program compiled is the accelerator's: `--kernels=xla` (the default) sets
 TransformerConfig.kernels='xla', so none of the XLA:CPU-only kernels that
 'auto' would pick on these CPU devices (pause_flax/model/kernels/cpu.py) is
-in it; `--kernels=auto` or `cpu` sizes a CPU run instead.
+in it; `--kernels=auto` or `cpu` sizes a CPU run instead. `--kernels=tpu`
+is a TPU target's setting, but its splash attention is a Pallas TPU kernel
+that cannot compile for CPU devices (only run interpreted, whose memory says
+nothing about a TPU's), so the check compiles XLA's attention in its place
+and says so: the attention scores it sizes ([B, N, L, L] per layer) are an
+upper bound for splash, which keeps per-tile scores and per-row residuals.
 
 XLA (per device, from `compiled.memory_analysis()`): arguments (the state and
 the batch shard), outputs, aliased bytes (the donated state reused for the new
@@ -209,8 +214,10 @@ def make_trainer(model: str, mesh_sizes: dict[str, int], batch_size: int, seq_le
   if batch_size % split:
     raise ValueError(f"batch_size={batch_size} must be a multiple of accum_steps x "
                      f"data x fsdp = {split}.")
+  # Splash (kernels='tpu') cannot compile for these CPU devices: XLA's attention stands in.
+  attention = "xla" if kernels == "tpu" else "auto"
   config = transformer.model_config(model, dtype=dtype, remat_policy=remat, max_len=seq_len,
-                                    kernels=kernels)
+                                    kernels=kernels, attention_impl=attention)
   return trainer_lib.Trainer(config, optimizer.make_optimizer(1e-4), mesh,
                              options=trainer_lib.StepOptions(accum_steps=accum_steps))
 
@@ -248,8 +255,11 @@ def format_report(report: dict[str, Any], device_memory_gib: float | None = None
       f"({report['devices']} devices), batch {report['batch_size']} x {report['seq_len']}, "
       f"remat {report['remat']}, {report['dtype']}, accum_steps {report['accum_steps']}",
       f"kernels {report['kernels']} (attention {report['attention_impl']}): "
-      + ("the accelerator's program, compiled on simulated CPU devices"
-         if report["kernels"] == "xla" else "a CPU run's program"),
+      + {"xla": "the accelerator's program, compiled on simulated CPU devices",
+         "tpu": "the TPU program with XLA's attention in place of splash (a Pallas TPU "
+                "kernel does not compile for CPU devices): the attention rows are an upper "
+                "bound for splash, which keeps per-tile scores"}.get(
+                    report["kernels"], "a CPU run's program"),
       "",
       f"| per device ({unit}) | estimate | XLA | estimate / XLA |",
       "| --- | ---: | ---: | ---: |",
@@ -291,8 +301,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--remat", default="dots", choices=("none", "dots", "full"))
   parser.add_argument("--dtype", default="bfloat16", help="compute dtype")
   parser.add_argument("--accum_steps", type=int, default=1)
-  parser.add_argument("--kernels", default="xla", choices=("xla", "cpu", "auto"),
-                      help="TransformerConfig.kernels: xla (the accelerator's program) or the "
+  parser.add_argument("--kernels", default="xla", choices=("xla", "tpu", "cpu", "auto"),
+                      help="TransformerConfig.kernels: xla (the accelerator's program), tpu "
+                           "(a TPU target's, XLA's attention standing in for splash), or the "
                            "CPU kernels ('auto' resolves to cpu on these devices)")
   parser.add_argument("--device_memory_gib", type=float, default=None,
                       help="accelerator memory per device, for a FITS / DOES NOT FIT verdict")

@@ -179,6 +179,11 @@ def activation_sharding(mesh: Mesh | None, rules: LogicalRules = DEFAULT_RULES):
     _ctx.mesh, _ctx.rules = old
 
 
+def active_mesh() -> tuple[Mesh | None, LogicalRules]:
+  """The mesh and rules `activation_sharding` set (None: no mesh)."""
+  return _ctx.mesh, _ctx.rules
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """with_sharding_constraint by logical names; identity without a mesh."""
   if len(names) != x.ndim:

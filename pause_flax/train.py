@@ -27,6 +27,7 @@ from pause_flax import parallel
 from pause_flax.model import transformer as _transformer  # registers model_config
 from pause_flax.training import checkpointing
 from pause_flax.training import loop
+from pause_flax.training import metrics as metrics_lib
 from pause_flax.training import optimizer as optimizer_lib
 
 FLAGS = flags.FLAGS
@@ -50,6 +51,7 @@ make_mesh = gin.external_configurable(parallel.make_mesh, "make_mesh")
 make_optimizer = gin.external_configurable(optimizer_lib.make_optimizer, "make_optimizer")
 CheckpointOptions = gin.external_configurable(checkpointing.CheckpointOptions,
                                               "CheckpointOptions")
+WandbOptions = gin.external_configurable(metrics_lib.WandbOptions, "WandbOptions")
 del _transformer
 
 

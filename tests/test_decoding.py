@@ -1,5 +1,8 @@
 """Tests for pause_flax.model.decoding."""
 
+import math
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -146,3 +149,45 @@ def test_sharded_decoding_matches_unsharded(model):
   kw = dict(prompt_lengths_B=lengths, max_new_tokens=T)
   np.testing.assert_array_equal(decoding.generate(sharded, tokens, mesh=mesh, **kw),
                                 decoding.generate(model, tokens, **kw))
+
+
+def _while_bodies(hlo: str) -> list[str]:
+  """The text of every computation a `while` instruction runs as its body."""
+  names = set(re.findall(r'while\(.*?body=%?([\w.\-]+)', hlo))
+  blocks = re.split(r'\n(?=\S)', hlo)  # computations start at column 0
+  heads = [re.match(r'(?:ENTRY )?%?([\w.\-]+)', b) for b in blocks]
+  return [b for b, h in zip(blocks, heads) if h and h.group(1) in names]
+
+
+def test_decode_step_updates_the_cache_in_place():
+  """The compiled decode loop neither copies nor transposes a layer's cache.
+
+  Each layer's [B, K, S, H] keys and values are written with one in-place
+  dynamic-update-slice per step and read by the attention matmuls as they
+  are; in the loop body every array of a layer cache's size is a loop
+  parameter, a bitcast, or such an update.
+  """
+  cfg = tfm.model_config('tiny', num_kv_heads=2)  # K=2, H=16
+  m = tfm.Transformer(cfg, rngs=nnx.Rngs(0))
+  b, p, t = 2, 8, 40
+  options = decoding._Options(  # pylint: disable=protected-access
+      max_new_tokens=t, eos_id=None, pad_id=0, banned_ids=(), temperature=0.0, top_k=None,
+      use_cache=True, return_logits=False, mesh=None, rules=parallel.DEFAULT_RULES)
+  graphdef, state = nnx.split(m)
+  hlo = decoding._generate.lower(  # pylint: disable=protected-access
+      graphdef, state, jnp.ones((b, p), jnp.int32), jnp.full((b,), p, jnp.int32),
+      jax.random.key(0), options=options).compile().as_text()
+  cache_elements = b * 2 * (p + t) * 16
+  bodies = _while_bodies(hlo)
+  assert bodies
+  updates = 0
+  for body in bodies:
+    for name, dims, op in re.findall(r'%([\w.\-]+) = f32\[([\d,]*)\]\S* ([\w\-]+)\(', body):
+      if math.prod(int(d) for d in dims.split(',') if d) != cache_elements:
+        continue
+      if op == 'fusion' and 'dynamic-update-slice' in name and 'copy' not in name \
+          and 'transpose' not in name:
+        updates += 1
+      else:
+        assert op in ('parameter', 'get-tuple-element', 'bitcast'), (name, op)
+  assert updates == 2 * cfg.num_layers  # k and v of each layer, once per step

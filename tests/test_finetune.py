@@ -123,3 +123,35 @@ def test_standard_finetuning_of_a_pause_checkpoint_keeps_the_pause_row(tmp_path)
   assert meta["vocab_size"] == VOCAB.vocab_size + 1
   assert (meta["task"], meta["num_pauses"]) == ("synthetic_addition_pause0", 0)
   assert rows[-1]["pause_inputs"] == 0
+
+
+def test_trained_token_rate_is_weighted_tokens_over_step_time(tmp_path, monkeypatch):
+  """metrics.jsonl's trained_tokens_per_sec = the window's summed weighted target
+  tokens / the window's time (step_time x steps), beside tokens_per_sec (all slots)."""
+  from pause_flax.training import trainer as trainer_lib
+  weights = []
+  init = trainer_lib.Trainer.__init__
+
+  def recording_init(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    step = self.train_step
+
+    def train_step(state, batch):
+      state, metrics = step(state, batch)
+      weights.append(float(metrics["weighted_tokens"]))
+      return state, metrics
+
+    self.train_step = train_step
+
+  monkeypatch.setattr(trainer_lib.Trainer, "__init__", recording_init)
+  rows = _train(tmp_path, "synthetic_addition_pause", 4, task_feature_lengths=LENGTHS,
+                num_pauses=M_FT, log_every=2)
+  assert [r["step"] for r in rows] == [2, 4] and len(weights) == 4
+  assert len(set(weights)) > 1  # answers differ in length: the window sum matters
+  for row, window in zip(rows, (weights[:2], weights[2:])):
+    assert row["weighted_tokens"] == window[-1]
+    np.testing.assert_allclose(row["trained_tokens_per_sec"] * row["step_time"] * 2,
+                               sum(window), rtol=1e-6)
+    np.testing.assert_allclose(row["tokens_per_sec"] * row["step_time"], BATCH * 80, rtol=1e-6)
+  rows_on_disk = metrics_lib.read_metrics(str(tmp_path))
+  assert rows_on_disk[-1]["trained_tokens_per_sec"] == rows[-1]["trained_tokens_per_sec"]

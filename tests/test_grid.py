@@ -15,11 +15,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK = "synthetic_digit_sum"
 
 
-def write_cell(root, variant, seed, by_m):
+def write_cell(root, variant, seed, by_m, **extra):
   path = os.path.join(root, "cells", TASK, variant, f"seed{seed}.json")
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w") as f:
-    json.dump({"metrics": {str(m): {"exact_match": v} for m, v in by_m.items()}}, f)
+    json.dump({"metrics": {str(m): {"exact_match": v} for m, v in by_m.items()}, **extra}, f)
 
 
 def test_table_reports_spread_and_paired_intervals(tmp_path):
@@ -42,6 +42,24 @@ def test_table_reports_spread_and_paired_intervals(tmp_path):
   table = grid.results_markdown(results)
   assert "| PausePT_PauseFT | 4 | 56.40 ± " in table and "**significant**" in table
   assert table.count("**significant**") == 1
+  assert "trained tok/s" not in table  # cells without the rate: no column
+
+
+def test_table_shows_each_arms_trained_token_rate(tmp_path):
+  seeds = [0, 1]
+  for s in seeds:
+    write_cell(tmp_path, "StdPT_StdFT", s, {0: 50.0 + s, 4: 40.0},
+               trained_tokens_per_sec=1000.0 + 100 * s)
+    write_cell(tmp_path, "PausePT_PauseFT", s, {0: 5.0, 4: 55.0 + s},
+               trained_tokens_per_sec=800.0)
+  results = grid.collect(str(tmp_path), [TASK], ["StdPT_StdFT", "PausePT_PauseFT"], seeds,
+                         {TASK: 4}, [0, 4], None, 0.95)
+  rows = results["tasks"][TASK]["variants"]
+  assert rows["StdPT_StdFT"]["trained_tokens_per_sec"] == pytest.approx(1050.0)
+  table = grid.results_markdown(results)
+  assert "finetuning trained tok/s |" in table
+  assert "| StdPT_StdFT | 0 | 50.50 ± 0.71 | — | 1,050 |" in table
+  assert table.split("PausePT_PauseFT | 4 |")[1].splitlines()[0].endswith(" 800 |")
 
 
 def test_bad_settings_are_refused():

@@ -105,3 +105,26 @@ def test_compiled_program_is_the_accelerators_by_default(kernels):
   op_scope = re.compile(r'op_name="[^"]*\b' + cpu_kernels.SCOPE + '/')
   has_cpu_kernels = bool(op_scope.search(lowered.compile().as_text()))
   assert has_barrier == has_cpu_kernels == (kernels == "cpu")
+
+
+def test_tpu_target_compiles_xla_attention_in_place_of_splash():
+  """--kernels=tpu sizes a TPU target's program; splash (a Pallas TPU kernel) cannot
+  compile for CPU devices, so XLA's attention stands in, and the report says so."""
+  from pause_flax.model.kernels import tpu as tpu_kernels
+  assert memory_check.parse_args(["--kernels=tpu"]).kernels == "tpu"
+  trainer = memory_check.make_trainer("tiny", {"data": 1, "fsdp": -1, "tensor": 1},
+                                      batch_size=8, seq_len=256, dtype="float32",
+                                      kernels="tpu")
+  config = trainer.model_config
+  assert (config.kernels, config.attention_impl) == ("tpu", "xla")
+  compiled = memory_check.lower_step(trainer, batch_size=8, seq_len=256).compile().as_text()
+  assert tpu_kernels.SCOPE not in compiled and cpu_kernels.SCOPE not in compiled
+  report = {"model": "tiny", "num_params": 1, "mesh": {"fsdp": 1}, "devices": 1,
+            "batch_size": 8, "seq_len": 256, "remat": "dots", "dtype": "float32",
+            "accum_steps": 1, "kernels": "tpu", "attention_impl": "xla",
+            "estimate": {k: 1.0 for k in ("params", "optimizer", "batch", "gradients",
+                                          "working", "activations", "attention")},
+            "xla": {k: 1.0 for k in ("argument", "output", "alias", "temp",
+                                     "generated_code", "total")}}
+  text = memory_check.format_report(report)
+  assert "kernels tpu (attention xla): the TPU program with XLA's attention" in text

@@ -86,7 +86,7 @@ def test_kernels_resolution():
   assert _resolved(bf16, "gpu") == ("xla", "cudnn")
   assert _resolved(bf16, "cpu") == ("cpu", "blocked")
   assert _resolved(TINY, "cpu") == ("cpu", "blocked")
-  assert _resolved(bf16, "tpu") == ("xla", "xla")
+  assert _resolved(bf16, "tpu") == ("tpu", "splash")
   assert _resolved(TINY, "gpu") == ("xla", "xla")  # float32
   assert _resolved(dataclasses.replace(bf16, head_dim=256), "gpu") == ("xla", "xla")
   # Explicit settings are kept: the accelerator's program on CPU, CPU kernels anywhere.
@@ -94,7 +94,7 @@ def test_kernels_resolution():
   assert _resolved(dataclasses.replace(bf16, kernels="cpu"), "gpu") == ("cpu", "blocked")
   assert _resolved(dataclasses.replace(bf16, attention_impl="xla"), "gpu") == ("xla", "xla")
   assert _resolved(dataclasses.replace(TINY, attention_impl="cudnn"), "cpu") == ("cpu", "cudnn")
-  assert _resolved(dataclasses.replace(TINY, attention_impl="blocked"), "tpu") == ("xla", "blocked")
+  assert _resolved(dataclasses.replace(TINY, attention_impl="blocked"), "tpu") == ("tpu", "blocked")
   resolved = kernels.resolve(bf16, "gpu")
   assert kernels.resolve(resolved, "cpu") == resolved  # resolving twice changes nothing
   # cuDNN's training kernels take even lengths only; decoding with a cache is always xla.
@@ -113,7 +113,7 @@ def test_kernels_resolve_from_the_mesh_platform():
   mesh = parallel.make_mesh(data=2, fsdp=1, devices=jax.devices()[:2])
   assert kernels.platform(mesh) == jax.devices()[0].platform
   assert kernels.resolve(TINY, kernels.platform(mesh)).kernels == (
-      "cpu" if kernels.platform(mesh) == "cpu" else "xla")
+      {"cpu": "cpu", "tpu": "tpu"}.get(kernels.platform(mesh), "xla"))
 
 
 def test_no_default_backend_choices_in_the_model():
@@ -258,11 +258,16 @@ def test_cpu_mlp_equals_plain_mlp(dtype, activation, gated):
   got = jax.jit(lambda *a: jax.vjp(mlp, *a)[1](dy))(x, wi, wg, wo)
   want = jax.vjp(functools.partial(_plain_mlp, act), x, wi, wg, wo)[1](dy)
   assert (got[2] is None) == (want[2] is None) == (not gated)
-  tol = 1e-5 if dtype == "float32" else 2e-2
   for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     assert g.dtype == r.dtype and g.shape == r.shape
-    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32),
-                               rtol=tol, atol=tol)
+    g, r = np.asarray(g, np.float32), np.asarray(r, np.float32)
+    if dtype == "float32":
+      np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+    else:
+      # bfloat16 sums are rounded at the scale of their largest terms, and a compiler may
+      # order them differently (jax 0.12's does): a gradient near 0 can differ by a couple
+      # of bf16 steps (2**-7 relative) of the leaf's largest value.
+      np.testing.assert_allclose(g, r, rtol=2e-2, atol=2 * 2.0**-7 * np.abs(r).max())
 
 
 def _grad_temp_bytes(f, *args) -> int:
@@ -438,8 +443,8 @@ def test_bad_config_fails_clearly():
     dataclasses.replace(TINY, remat_policy="some")
   with pytest.raises(ValueError, match="attention_impl='flash'; choose one of"):
     dataclasses.replace(TINY, attention_impl="flash")
-  with pytest.raises(ValueError, match="kernels='tpu'; choose one of"):
-    dataclasses.replace(TINY, kernels="tpu")
+  with pytest.raises(ValueError, match="kernels='mps'; choose one of"):
+    dataclasses.replace(TINY, kernels="mps")
   with pytest.raises(ValueError, match="Unknown model config"):
     tfm.model_config("paper_7b")
 

@@ -62,6 +62,9 @@ def test_identical_configs_have_no_changes():
     ({"MODEL_NAME": "'bench_4l'"}, {"MODEL_NAME": "fixed"}),
     ({"train.skip_nonfinite_updates": 3}, {"train.skip_nonfinite_updates": "safe"}),
     ({"train.batch_size": 16}, {"train.batch_size": "fixed"}),  # macro replaced by a value
+    ({"train.profile_steps": "(10, 5)"}, {"train.profile_steps": "safe"}),
+    ({"train.wandb": "@WandbOptions()", "WandbOptions.project": "'pause'"},
+     {"train.wandb": "safe", "WandbOptions.project": "safe"}),
 ])
 def test_changes_are_named_as_typed_and_classified(edits, expected):
   assert kinds(changed(**edits)) == expected
@@ -92,10 +95,11 @@ def test_overridable_change_needs_allow_changes():
   assert {c.name for c in accepted} == {"LEARNING_RATE", "TRAIN_STEPS"}
 
 
-def test_accepted_changes_are_recorded(tmp_path):
+def test_accepted_changes_are_described_as_a_json_line():
   changes = run_dir.compare_configs(SAVED, changed(TRAIN_STEPS=40))
-  run_dir.log_accepted(str(tmp_path), 20, changes)
-  (row,) = [json.loads(l) for l in open(tmp_path / "resume_changes.jsonl")]
+  line = run_dir.describe_accepted(20, changes)
+  assert line.endswith("\n") and line.count("\n") == 1
+  row = json.loads(line)
   assert row["step"] == 20
   assert row["changes"] == [{"name": "TRAIN_STEPS", "old": "20", "new": "40",
                              "kind": "safe"}]
@@ -201,3 +205,18 @@ def test_missing_required_macro_says_how_to_set_it(tmp_path, clean_gin):
 def test_missing_gin_file_is_named(tmp_path, clean_gin):
   with pytest.raises(gin_utils.ConfigError, match="--gin_file=nope.gin not found"):
     gin_utils.parse_gin(["nope.gin"], [], [str(tmp_path)])
+
+
+@pytest.mark.parametrize("module, gin_file, macro", [
+    ("pause_flax.eval", "gin_configs/runs/eval.gin", "CHECKPOINT_PATH"),
+    ("pause_flax.grid", "gin_configs/local/grid.gin", "GRID_DIR"),
+])
+def test_gin_clis_refuse_in_one_line(module, gin_file, macro):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+  result = subprocess.run([sys.executable, "-m", module, f"--gin_file={gin_file}"],
+                          cwd=gin_utils.REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+  (line,) = [l for l in result.stderr.splitlines() if l.startswith(f"{module}:")]
+  assert f"{macro} is required and not set: pass --gin.{macro}=" in line

@@ -11,6 +11,7 @@ import tensorflow_datasets as tfds
 
 from pause_flax.data import fake_c4 as fake_c4_lib
 from pause_flax.data import feature_converters as fc
+from pause_flax.data import registry
 from pause_flax.data import tasks
 from pause_flax.vocab import PauseVocabulary
 
@@ -222,6 +223,18 @@ def test_variant_spec(user_task):
   assert (spec.base, spec.form, spec.fraction, spec.num_pauses, spec.pause_token) == (
       qa, "finetune", None, 3, 7)
   assert tasks.variant_spec(tasks.pause_variant(qa, fraction=0.2)).fraction == 0.2
+
+
+def test_pause_variant_follows_a_reregistered_base(user_task, monkeypatch):
+  # A base re-registered under its name gets a fresh variant even when the new
+  # provider reuses the freed one's id() (CPython 3.12 often does; forced here).
+  monkeypatch.setattr(registry, "id", lambda obj: 0, raising=False)
+  qa = user_task("user_qa", True)
+  ft = tasks.pause_variant(qa, form="finetune", num_pauses=3)
+  assert seqio.TaskRegistry.get(ft).source is seqio.TaskRegistry.get(qa).source
+  user_task("user_qa", True)  # Same name, new provider (and source).
+  assert tasks.pause_variant(qa, form="finetune", num_pauses=3) == ft
+  assert seqio.TaskRegistry.get(ft).source is seqio.TaskRegistry.get(qa).source
 
 
 def test_training_task_one_rule_for_the_pause_settings(user_task):

@@ -33,6 +33,10 @@ DEFAULT_LENGTHS: dict[str, dict[str, int]] = {}
 # pause_variant marks what it registers with this attribute (a VariantSpec),
 # on the provider itself so that the mark survives a module reload.
 _SPEC_ATTR = "_pause_flax_variant_spec"
+# ... and holds the provider it was made from: an id() alone can be reused by a
+# provider registered after the first was freed (CPython 3.12 does so), which
+# would keep a stale variant.
+_BASE_ATTR = "_pause_flax_variant_base"
 
 
 class VariantSpec(NamedTuple):
@@ -154,7 +158,8 @@ def pause_variant(task_or_mixture_name: str, *,
       raise ValueError(
           f"{name!r} is already registered and is not a pause variant; pass "
           "another name=.")
-    if getattr(registered, _SPEC_ATTR) == spec:
+    if (getattr(registered, _SPEC_ATTR) == spec and
+        getattr(registered, _BASE_ATTR, None) is provider):
       return name
 
   if isinstance(provider, seqio.Mixture):
@@ -197,6 +202,7 @@ def pause_variant(task_or_mixture_name: str, *,
     seqio.TaskRegistry.remove(name)
     seqio.TaskRegistry.add_provider(name, variant)
   setattr(variant, _SPEC_ATTR, spec)
+  setattr(variant, _BASE_ATTR, provider)
   if task_or_mixture_name in DEFAULT_LENGTHS:
     DEFAULT_LENGTHS[name] = DEFAULT_LENGTHS[task_or_mixture_name]
   return name

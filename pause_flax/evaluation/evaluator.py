@@ -139,6 +139,20 @@ def _to_host(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def global_batch(rows: np.ndarray, mesh: jax.sharding.Mesh,
+                 rules: parallel.LogicalRules = parallel.DEFAULT_RULES) -> jax.Array:
+  """A whole global batch (identical on every process) -> one global array.
+
+  Each process contributes its own slice of the rows, as the trainer builds
+  its batches; the batch size must divide by the process count.
+  """
+  per = rows.shape[0] // jax.process_count()
+  start = jax.process_index() * per
+  spec = parallel.batch_sharding(mesh, rules).spec
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec[:rows.ndim]))
+  return jax.make_array_from_process_local_data(sharding, rows[start:start + per], rows.shape)
+
+
 def _pad_rows(rows: list, batch_size: int) -> list:
   """Fills a short last batch with copies of its last row (dropped afterwards)."""
   return rows + [rows[-1]] * (batch_size - len(rows))
@@ -196,7 +210,6 @@ class Evaluator:
     self.mesh = mesh
     self.rules = rules
     self.decode = decode
-    self._batch_sharding = parallel.batch_sharding(mesh, rules)
     self._tasks: dict[str, tuple[seqio.Task, seqio.Evaluator, dict[str, int]]] = {}
     for task in seqio.get_subtasks(seqio.get_mixture_or_task(name)):
       if "inputs" not in task.output_features:
@@ -349,13 +362,7 @@ class Evaluator:
     return records
 
   def _global(self, rows: np.ndarray) -> jax.Array:
-    """This process's rows of a global batch -> one global array."""
-    per = self.batch_size // jax.process_count()
-    start = jax.process_index() * per
-    sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(
-        *self._batch_sharding.spec[:rows.ndim]))
-    return jax.make_array_from_process_local_data(sharding, rows[start:start + per],
-                                                  rows.shape)
+    return global_batch(rows, self.mesh, self.rules)
 
   @staticmethod
   def _check_length(length: int, model: transformer_lib.Transformer, task: str,

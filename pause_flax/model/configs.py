@@ -17,8 +17,8 @@ MLP_ACTIVATIONS = ("gelu", "silu", "relu")
 REMAT_POLICIES = ("none", "full", "dots")
 # Backend-specific kernels (pause_flax.model.kernels): 'auto' is resolved from
 # the platform of the mesh the step runs on.
-KERNELS = ("auto", "xla", "cpu")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "blocked")
+KERNELS = ("auto", "xla", "cpu", "tpu")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "blocked", "splash")
 # How the model knows positions: rotary q/k ('rope'), a learned absolute
 # embedding added to the token embedding ('learned'), or both.
 POSITIONS = ("rope", "learned", "both")
@@ -50,15 +50,18 @@ class TransformerConfig:
   vocab_pad_multiple: int = 128
   # Backend-specific kernels: 'xla' (the plain layers), 'cpu' (XLA:CPU
   # variants of attention, MLP, embedding gradient and fused-loss layout; same
-  # values), or 'auto': 'cpu' on a CPU mesh, else 'xla' (`kernels.resolve`,
+  # values), 'tpu' (splash attention), or 'auto': 'cpu' on a CPU mesh, 'tpu' on
+  # a TPU mesh, else 'xla' (`kernels.resolve`,
   # once, for the mesh the model runs on). The parameters are the same either way.
   kernels: str = "auto"
   # Attention of the full-sequence (no cache) forward: 'xla' or 'cudnn'
   # (jax.nn.dot_product_attention's; cudnn is flash attention on NVIDIA GPUs,
   # bf16/fp16, head_dim <= 128, even lengths), 'blocked' (query blocks that
-  # skip the keys after them, `kernels.cpu.blocked_causal_attention`), or
-  # 'auto': blocked with kernels='cpu', cudnn on a GPU mesh where it applies,
-  # else xla. Cached decoding always uses 'xla'.
+  # skip the keys after them, `kernels.cpu.blocked_causal_attention`),
+  # 'splash' (the Pallas TPU kernel, `kernels.tpu.splash_attention`; lengths
+  # that are multiples of 128, else xla; interpreted off a TPU), or 'auto':
+  # blocked with kernels='cpu', splash with kernels='tpu', cudnn on a GPU mesh
+  # where it applies, else xla. Cached decoding always uses 'xla'.
   attention_impl: str = "auto"
   # 'rope' (the default; parameters as before), 'learned' (a [max_len, D]
   # absolute embedding indexed by the absolute position, no rotary) or 'both'.

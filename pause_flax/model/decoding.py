@@ -214,11 +214,12 @@ def generate(model: Transformer, prompt_BxP: jax.Array, *, max_new_tokens: int,
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'banned_ids', 'pad_id', 'mesh',
-                                             'rules'))
+                                             'rules', 'return_is_greedy'))
 def _score(graphdef: nnx.GraphDef, state: nnx.State, prompt_BxP: jax.Array,
            target_BxT: jax.Array, prompt_lengths_B: jax.Array, target_lengths_B: jax.Array,
            *, banned_ids: tuple[int, ...], pad_id: int, mesh: Mesh | None,
-           rules: parallel.LogicalRules) -> jax.Array:
+           rules: parallel.LogicalRules, return_is_greedy: bool = False,
+           ) -> jax.Array | tuple[jax.Array, jax.Array]:
   with parallel.activation_sharding(mesh, rules):
     model = nnx.merge(graphdef, state)
     tokens_BxP, positions_BxP, segments_BxP = _left_align(prompt_BxP, prompt_lengths_B, pad_id)
@@ -234,19 +235,26 @@ def _score(graphdef: nnx.GraphDef, state: nnx.State, prompt_BxP: jax.Array,
     logp_BxTxV = jax.nn.log_softmax(logits_BxTxV, axis=-1)
     logp_BxT = jnp.take_along_axis(logp_BxTxV, target_BxT[..., None], axis=-1)[..., 0]
     keep_BxT = jnp.arange(t)[None] < target_lengths_B[:, None]
-    return jnp.sum(jnp.where(keep_BxT, logp_BxT, 0.0), axis=-1)
+    score_B = jnp.sum(jnp.where(keep_BxT, logp_BxT, 0.0), axis=-1)
+    if not return_is_greedy:
+      return score_B
+    greedy_BxT = jnp.argmax(logits_BxTxV, axis=-1) == target_BxT
+    return score_B, jnp.all(greedy_BxT | ~keep_BxT, axis=-1)
 
 
 def score(model: Transformer, prompt_BxP: jax.Array, target_BxT: jax.Array, *,
           prompt_lengths_B: jax.Array | None = None, target_lengths_B: jax.Array | None = None,
           banned_ids: Sequence[int] = (), pad_id: int = 0, mesh: Mesh | None = None,
-          rules: parallel.LogicalRules = parallel.DEFAULT_RULES) -> jax.Array:
+          rules: parallel.LogicalRules = parallel.DEFAULT_RULES,
+          return_is_greedy: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Sum of log p(target | prompt) per row, float32 [B], for rank classification.
 
   Prompts and targets are right-padded with their lengths (default: full
   width). Each target token is scored given the prompt and the target tokens
   before it; with `banned_ids` the distribution is renormalised without them,
-  matching what `generate` could emit.
+  matching what `generate` could emit. `return_is_greedy` also returns, per
+  row, whether every target token is the argmax of its (banned) distribution,
+  i.e. whether greedy decoding would emit the target (bool [B]).
   """
   b, p = prompt_BxP.shape
   t = target_BxT.shape[1]
@@ -261,4 +269,4 @@ def score(model: Transformer, prompt_BxP: jax.Array, target_BxT: jax.Array, *,
                 jnp.asarray(target_BxT, jnp.int32), jnp.asarray(prompt_lengths_B, jnp.int32),
                 jnp.asarray(target_lengths_B, jnp.int32),
                 banned_ids=tuple(int(i) for i in banned_ids), pad_id=pad_id, mesh=mesh,
-                rules=rules)
+                rules=rules, return_is_greedy=return_is_greedy)

@@ -68,13 +68,20 @@ _REMAT_POLICIES = {
 class KVCache:
   """Keys/values of every layer for `S` slots, written left to right.
 
+  One [B, K, S, H] array per layer (head-major, slots before the head dim):
+  a step writes its keys in place with one `dynamic_update_slice` per layer,
+  and the score and value matmuls read the layer's array as it is (batch and
+  head leading, contracting over H or S), so no step copies or transposes a
+  layer's cache. Separate per-layer arrays (not one stacked [Y, ...] array)
+  keep the attention's read from slicing a layer out, which XLA would copy.
+
   All rows write the same slots (prompts of different lengths are left-padded
   by the caller, with segment id 0 on the padding); a slot's segment id says
   whom it belongs to, so a query attends only to written slots of its own
   segment at or before its own slot.
   """
-  k_YxBxSxKxH: jax.Array
-  v_YxBxSxKxH: jax.Array
+  k_BxKxSxH: tuple[jax.Array, ...]  # one per layer
+  v_BxKxSxH: tuple[jax.Array, ...]
   segment_ids_BxS: jax.Array  # 0 = padding or not yet written
   index: jax.Array  # int32 scalar: slots written so far (next write position)
 
@@ -83,12 +90,15 @@ class KVCache:
     return self.segment_ids_BxS.shape[1]
 
 
-KV_CACHE_LOGICAL_AXES = KVCache(
-    k_YxBxSxKxH=("layers", "batch", "cache_length", "heads", "kv"),
-    v_YxBxSxKxH=("layers", "batch", "cache_length", "heads", "kv"),
-    segment_ids_BxS=("batch", "cache_length"),
-    index=(),
-)
+# Logical axes of each layer's cached keys (and values).
+KV_LOGICAL_AXES = ("batch", "heads", "cache_length", "kv")
+
+
+def kv_cache_logical_axes(num_layers: int) -> KVCache:
+  """The logical axis names of a `num_layers` cache, as a KVCache of name tuples."""
+  return KVCache(k_BxKxSxH=(KV_LOGICAL_AXES,) * num_layers,
+                 v_BxKxSxH=(KV_LOGICAL_AXES,) * num_layers,
+                 segment_ids_BxS=("batch", "cache_length"), index=())
 
 
 def init_cache(config: TransformerConfig, batch_size: int, length: int | None = None,
@@ -96,9 +106,10 @@ def init_cache(config: TransformerConfig, batch_size: int, length: int | None = 
   """An empty cache of `length` slots (default config.max_len), compute dtype."""
   c = config
   length = c.max_len if length is None else length
-  shape = (c.num_layers, batch_size, length, c.resolved_kv_heads, c.resolved_head_dim)
+  shape = (batch_size, c.resolved_kv_heads, length, c.resolved_head_dim)
   dtype = jnp.dtype(dtype or c.dtype)
-  return KVCache(k_YxBxSxKxH=jnp.zeros(shape, dtype), v_YxBxSxKxH=jnp.zeros(shape, dtype),
+  zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers))
+  return KVCache(k_BxKxSxH=zeros(), v_BxKxSxH=zeros(),
                  segment_ids_BxS=jnp.zeros((batch_size, length), jnp.int32),
                  index=jnp.zeros((), jnp.int32))
 
@@ -154,13 +165,14 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,
                mask_Bx1xLxS: jax.Array | None, kv: tuple[jax.Array, jax.Array] | None,
-               index: jax.Array | None,
+               index: jax.Array | None, segment_ids_BxL: jax.Array | None = None,
                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """Returns the attention output and, with a cache `kv`, the updated (k, v).
 
     Without a cache, attention is causal (query slot i sees keys 0..i) and
-    `mask_Bx1xLxS` (None: no segments) only narrows it; with a cache, the mask
-    is the whole rule.
+    `mask_Bx1xLxS` (None: no segments; `segment_ids_BxL` says the same for
+    kernels that take segment ids) only narrows it; with a cache `kv` (this
+    layer's [B, K, S, H] keys and values), the mask is the whole rule.
     """
     c = self.config
     dtype = x_BxLxD.dtype
@@ -173,27 +185,55 @@ class Attention(nnx.Module):
     q_BxLxNxH = constrain(q_BxLxNxH, ("batch", "length", "heads", "kv"))
     k_BxLxKxH = constrain(k_BxLxKxH, ("batch", "length", "heads", "kv"))
     v_BxLxKxH = constrain(v_BxLxKxH, ("batch", "length", "heads", "kv"))
-    if kv is None:
-      k_BxSxKxH, v_BxSxKxH = k_BxLxKxH, v_BxLxKxH
+    if kv is not None:
+      # In place: the L new slots are transposed, never the cache.
+      start = (0, 0, index, 0)
+      k_BxKxSxH = constrain(jax.lax.dynamic_update_slice(
+          kv[0], jnp.swapaxes(k_BxLxKxH, 1, 2).astype(kv[0].dtype), start), KV_LOGICAL_AXES)
+      v_BxKxSxH = constrain(jax.lax.dynamic_update_slice(
+          kv[1], jnp.swapaxes(v_BxLxKxH, 1, 2).astype(kv[1].dtype), start), KV_LOGICAL_AXES)
+      kv = (k_BxKxSxH, v_BxKxSxH)
+      out_BxLxNxH = cached_attention(q_BxLxNxH, k_BxKxSxH, v_BxKxSxH, mask_Bx1xLxS)
     else:
-      names = ("batch", "cache_length", "heads", "kv")
-      start = (0, index, 0, 0)
-      k_BxSxKxH = constrain(jax.lax.dynamic_update_slice(
-          kv[0], k_BxLxKxH.astype(kv[0].dtype), start), names)
-      v_BxSxKxH = constrain(jax.lax.dynamic_update_slice(
-          kv[1], v_BxLxKxH.astype(kv[1].dtype), start), names)
-      kv = (k_BxSxKxH, v_BxSxKxH)
-    impl = kernels.attention_impl(c, x_BxLxD.shape[1], cached=kv is not None)
-    if impl == "blocked":
-      out_BxLxNxH = kernels.blocked_causal_attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH,
-                                                     mask_Bx1xLxS)
-    else:
-      out_BxLxNxH = jax.nn.dot_product_attention(
-          q_BxLxNxH, k_BxSxKxH.astype(dtype), v_BxSxKxH.astype(dtype), mask=mask_Bx1xLxS,
-          is_causal=kv is None, implementation=impl)
+      impl = kernels.attention_impl(c, x_BxLxD.shape[1])
+      if impl == "splash":
+        # Compiled for TPU under the TPU kernels, else interpreted (a test path).
+        out_BxLxNxH = kernels.tpu.splash_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH,
+                                                   segment_ids_BxL,
+                                                   interpret=c.kernels != "tpu")
+      elif impl == "blocked":
+        out_BxLxNxH = kernels.blocked_causal_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH,
+                                                       mask_Bx1xLxS)
+      else:
+        out_BxLxNxH = jax.nn.dot_product_attention(
+            q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask=mask_Bx1xLxS, is_causal=True,
+            implementation=impl)
     out_BxLxNxH = constrain(out_BxLxNxH, ("batch", "length", "heads", "kv"))
     y_BxLxD = jnp.einsum("BLNH,NHD->BLD", out_BxLxNxH, self.o_NxHxD[...].astype(dtype))
     return y_BxLxD, kv
+
+
+def cached_attention(q_BxLxNxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array,
+                     mask_Bx1xLxS: jax.Array) -> jax.Array:
+  """Attention of L queries over a layer's cache laid out [B, K, S, H].
+
+  The same values as `jax.nn.dot_product_attention(q, k, v, mask=mask)` over
+  [B, S, K, H] keys (scale 1/sqrt(H), float32 logits and softmax, grouped
+  heads, masked logits at the same large negative); both matmuls take the
+  cache with its batch and head dims leading, so XLA reads it in place. Only
+  the L queries (one per step when decoding) are transposed.
+  """
+  b, l, n, h = q_BxLxNxH.shape
+  kh = k_BxKxSxH.shape[1]
+  dtype = q_BxLxNxH.dtype
+  q_BxKxGxLxH = jnp.transpose(q_BxLxNxH.reshape(b, l, kh, n // kh, h), (0, 2, 3, 1, 4))
+  logits_BxKxGxLxS = jnp.einsum("BKGLH,BKSH->BKGLS", q_BxKxGxLxH, k_BxKxSxH.astype(dtype),
+                                preferred_element_type=jnp.float32) * (h ** -0.5)
+  large_negative = -0.7 * float(jnp.finfo(jnp.float32).max)  # jax.nn's masked logit
+  logits_BxKxGxLxS = jnp.where(mask_Bx1xLxS[:, :, None], logits_BxKxGxLxS, large_negative)
+  probs_BxKxGxLxS = jax.nn.softmax(logits_BxKxGxLxS, axis=-1).astype(dtype)
+  out_BxKxGxLxH = jnp.einsum("BKGLS,BKSH->BKGLH", probs_BxKxGxLxS, v_BxKxSxH.astype(dtype))
+  return jnp.transpose(out_BxKxGxLxH, (0, 3, 1, 2, 4)).reshape(b, l, n, h)
 
 
 class Mlp(nnx.Module):
@@ -235,9 +275,10 @@ class Block(nnx.Module):
 
   def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,
                mask_Bx1xLxS: jax.Array | None, kv: tuple[jax.Array, jax.Array] | None,
-               index: jax.Array | None,
+               index: jax.Array | None, segment_ids_BxL: jax.Array | None = None,
                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-    y_BxLxD, kv = self.attn(self.attn_norm(x_BxLxD), positions_BxL, mask_Bx1xLxS, kv, index)
+    y_BxLxD, kv = self.attn(self.attn_norm(x_BxLxD), positions_BxL, mask_Bx1xLxS, kv, index,
+                            segment_ids_BxL)
     x_BxLxD = constrain(x_BxLxD + y_BxLxD, ("batch", "length", "embed"))
     x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
     return constrain(x_BxLxD, ("batch", "length", "embed")), kv
@@ -293,9 +334,8 @@ class Transformer(nnx.Module):
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(q_slots_L, (b, l))
     if cache is None:
-      # Causality is the attention's own (is_causal, which cuDNN computes
-      # blockwise); a mask only for packed segments.
-      kv = None
+      # Causality is the attention's own (is_causal, which cuDNN and splash
+      # compute blockwise); a mask only for packed segments.
       mask_Bx1xLxS = (None if segment_ids_BxL is None else
                       _attention_mask(q_slots_L, segment_ids_BxL, segment_ids_BxL))
     else:
@@ -303,7 +343,6 @@ class Transformer(nnx.Module):
         segment_ids_BxL = jnp.ones((b, l), jnp.int32)
       k_segment_ids_BxS = jax.lax.dynamic_update_slice(
           cache.segment_ids_BxS, segment_ids_BxL.astype(jnp.int32), (0, index))
-      kv = (cache.k_YxBxSxKxH, cache.v_YxBxSxKxH)
       mask_Bx1xLxS = _attention_mask(q_slots_L, segment_ids_BxL, k_segment_ids_BxS)
 
     dtype = jnp.dtype(c.dtype)
@@ -319,22 +358,33 @@ class Transformer(nnx.Module):
                                    positions_BxL, axis=0)
     x_BxLxD = constrain(x_BxLxD, ("batch", "length", "embed"))
 
-    def layer(block, x_BxLxD, kv):
-      return block(x_BxLxD, positions_BxL, mask_Bx1xLxS, kv, index)
+    if cache is not None:
+      # One layer at a time over the per-layer cache arrays, each updated in
+      # place (a scan would slice each layer's cache out and stack it back).
+      graphdef, blocks_state = nnx.split(self.blocks)
+      ks, vs = [], []
+      for i in range(c.num_layers):
+        block = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], blocks_state))
+        x_BxLxD, (k_i, v_i) = block(x_BxLxD, positions_BxL, mask_Bx1xLxS,
+                                    (cache.k_BxKxSxH[i], cache.v_BxKxSxH[i]), index)
+        ks.append(k_i)
+        vs.append(v_i)
+      return self.final_norm(x_BxLxD), KVCache(
+          k_BxKxSxH=tuple(ks), v_BxKxSxH=tuple(vs), segment_ids_BxS=k_segment_ids_BxS,
+          index=index + l)
+
+    def layer(block, x_BxLxD):
+      x_BxLxD, _ = block(x_BxLxD, positions_BxL, mask_Bx1xLxS, None, None, segment_ids_BxL)
+      return x_BxLxD
 
     if c.remat_policy != "none":
       layer = nnx.remat(layer, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=False)
 
-    @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0), unroll=c.scan_unroll)
-    def run_layers(block, x_BxLxD, kv):
-      return layer(block, x_BxLxD, kv)
+    @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry, unroll=c.scan_unroll)
+    def run_layers(block, x_BxLxD):
+      return layer(block, x_BxLxD)
 
-    x_BxLxD, kv = run_layers(self.blocks, x_BxLxD, kv)
-    h_BxLxD = self.final_norm(x_BxLxD)
-    if cache is None:
-      return h_BxLxD
-    return h_BxLxD, KVCache(k_YxBxSxKxH=kv[0], v_YxBxSxKxH=kv[1],
-                            segment_ids_BxS=k_segment_ids_BxS, index=index + l)
+    return self.final_norm(run_layers(self.blocks, x_BxLxD))
 
   def output_matrix_VxD(self) -> jax.Array:
     """The [padded V, D] output projection: the untied head or the embedding."""

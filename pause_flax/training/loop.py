@@ -21,6 +21,7 @@ from pause_flax.model import transformer as transformer_lib
 from pause_flax.training import checkpointing
 from pause_flax.training import metrics as metrics_lib
 from pause_flax.training import optimizer as optimizer_lib
+from pause_flax.training import profiling
 from pause_flax.training import run_dir
 from pause_flax.training import trainer as trainer_lib
 
@@ -79,6 +80,8 @@ def train(*, model_dir: str,
           init_from: str | None = None,
           skip_nonfinite_updates: int = 0,
           allow_changes: Sequence[str] = (),
+          wandb: metrics_lib.WandbOptions | None = None,
+          profile_steps: tuple[int, int] | None = None,
           optimizer=None,
           config_str=None,
           extra_metrics_hook=None,
@@ -98,9 +101,13 @@ def train(*, model_dir: str,
   `data_shards` (default: the process count) fixes how the data source is
   split; keeping it fixed gives the same global batches on any number of
   processes that divides it.
+  `wandb` (project set) also logs the metrics and the gin config to Weights &
+  Biases; `profile_steps=(start, count)` traces steps start+1..start+count
+  into MODEL_DIR/profile (see `profiling.StepProfiler`).
   """
   mesh = parallel.make_mesh() if mesh is None else mesh
   _validate_run(model_dir, batch_size, train_steps, accum_steps, log_every, mesh, rules)
+  profiler = profiling.StepProfiler(model_dir, profile_steps)
 
   from pause_flax.data import pipeline  # seqio/TF: only once a run starts
   from pause_flax.data import tasks as tasks_lib
@@ -163,14 +170,19 @@ def train(*, model_dir: str,
       if config_text is not None:
         with open_for_write(os.path.join(model_dir, "config.gin")) as f:
           f.write(config_text)
-      run_dir.log_accepted(model_dir, start_step, accepted)
-    logger = metrics_lib.MetricsLogger(model_dir, total_steps=train_steps)
+      if accepted:
+        history = _read_text(os.path.join(model_dir, run_dir.CHANGES_NAME)) or ""
+        with open_for_write(os.path.join(model_dir, run_dir.CHANGES_NAME)) as f:
+          f.write(history + run_dir.describe_accepted(start_step, accepted))
+    logger = metrics_lib.MetricsLogger(model_dir, total_steps=train_steps, wandb=wandb,
+                                       config_text=config_text)
     logger.truncate_after(start_step)
     return _train_loop(trainer, ckpt, data_iter, state, logger, meta, batch_size=batch_size,
                        seq_len=seq_len, train_steps=train_steps, log_every=log_every,
                        flops_per_step=flops_per_step, peak=peak,
                        skip_nonfinite_updates=skip_nonfinite_updates,
-                       extra_metrics_hook=extra_metrics_hook, eval_hook=eval_hook)
+                       extra_metrics_hook=extra_metrics_hook, eval_hook=eval_hook,
+                       profiler=profiler)
   finally:
     try:
       if ckpt is not None:
@@ -184,7 +196,7 @@ def train(*, model_dir: str,
 
 def _train_loop(trainer, ckpt, data_iter, state, logger, meta, *, batch_size, seq_len,
                 train_steps, log_every, flops_per_step, peak, skip_nonfinite_updates,
-                extra_metrics_hook, eval_hook) -> list[dict]:
+                extra_metrics_hook, eval_hook, profiler) -> list[dict]:
   """Steps from `state.step` to `train_steps`: metrics at log steps, checkpoints."""
   from pause_flax.data import pipeline  # pylint: disable=g-import-not-at-top
   start_step = int(state.step)
@@ -193,11 +205,14 @@ def _train_loop(trainer, ckpt, data_iter, state, logger, meta, *, batch_size, se
   finite_flags = []
   nonfinite = _NonFiniteGuard(skip_nonfinite_updates)
   window_start, window_steps = time.perf_counter(), 0
+  window_weights = []  # each step's weighted target tokens, summed at the log step
   try:
     for step in range(start_step, train_steps):
+      profiler.step(step, state)
       batch = pipeline.to_global(next(data_iter), trainer.batch_sharding, batch_size)
       state, step_metrics = trainer.train_step(state, batch)
       finite_flags.append(step_metrics["finite"])
+      window_weights.append(step_metrics["weighted_tokens"])
       window_steps += 1
       done = step + 1
       if done % log_every == 0 or done == train_steps:
@@ -207,7 +222,10 @@ def _train_loop(trainer, ckpt, data_iter, state, logger, meta, *, batch_size, se
         metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
         metrics.pop("finite")
         step_time = (time.perf_counter() - window_start) / window_steps
-        window_start, window_steps = time.perf_counter(), 0
+        # Trained (loss-weighted target) tokens per second over the same window.
+        trained_tokens = float(sum(jax.device_get(window_weights)))
+        metrics["trained_tokens_per_sec"] = trained_tokens / (step_time * window_steps)
+        window_start, window_steps, window_weights = time.perf_counter(), 0, []
         metrics["step_time"] = step_time
         metrics["tokens_per_sec"] = batch_size * seq_len / step_time
         metrics["mfu"] = flops_per_step / step_time / peak
@@ -228,6 +246,7 @@ def _train_loop(trainer, ckpt, data_iter, state, logger, meta, *, batch_size, se
                         "command to resume.", stop.signal_name, done)
         raise Preempted(done)
   finally:
+    profiler.stop()
     stop.restore()
   return rows
 
@@ -368,10 +387,8 @@ def _check_resume(ckpt: checkpointing.Checkpointer, model_dir: str,
     _refuse_if_all_damaged(ckpt, model_dir)
     return []
   accepted = []
-  saved_path = os.path.join(model_dir, "config.gin")
-  if config_text is not None and os.path.exists(saved_path):
-    with open(saved_path, encoding="utf-8") as f:
-      saved = f.read()
+  saved = _read_text(os.path.join(model_dir, "config.gin"))
+  if config_text is not None and saved is not None:
     accepted = run_dir.check_resume(run_dir.compare_configs(saved, config_text),
                                     allow_changes, model_dir, steps[-1])
   try:
@@ -430,6 +447,15 @@ def _initial_state(trainer: trainer_lib.Trainer, ckpt: checkpointing.Checkpointe
 def _init_from_vocab_size(init_from: str) -> int:
   """The vocabulary size INIT_FROM's checkpoint records."""
   return int(checkpointing.read_checkpoint_meta(init_from)[1]["vocab_size"])
+
+
+def _read_text(path: str) -> str | None:
+  """A file's text (local or remote, e.g. gs://), or None if there is none."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if not tf.io.gfile.exists(path):
+    return None
+  with tf.io.gfile.GFile(path, "r") as f:
+    return f.read()
 
 
 def tf_gfile_makedirs(path: str) -> None:

@@ -7,8 +7,8 @@ for `stale_after` seconds) and reported before it is taken over.
 
 `compare_configs` reads the operative gin config saved in MODEL_DIR/config.gin
 and today's, setting by setting, and sorts each change:
-  safe        may change on resume (steps, logging, checkpointing, evaluation,
-              the mesh): accepted and logged
+  safe        may change on resume (steps, logging, W&B, profiling,
+              checkpointing, evaluation, the mesh): accepted and logged
   overridable accepted only when named in `train.allow_changes` (optimizer
               and schedule settings: the state still fits, the run changes)
   fixed       never on resume (model, data, pause settings): a new MODEL_DIR
@@ -29,6 +29,7 @@ from absl import logging
 from gin import config_parser
 
 LOCK_NAME = "RUN_LOCK"
+CHANGES_NAME = "resume_changes.jsonl"
 
 # Settings a resume may change, by gin parameter (`configurable.param`, or
 # `configurable.*` for all of one configurable's parameters).
@@ -37,7 +38,7 @@ SAFE = frozenset({
     "train.skip_nonfinite_updates", "train.allow_changes", "train.extra_metrics_hook",
     "CheckpointOptions.*", "eval_during_training.*", "make_mesh.*",
     "model_config.kernels", "model_config.attention_impl", "model_config.remat",
-    "model_config.remat_policy",
+    "model_config.remat_policy", "train.wandb", "WandbOptions.*", "train.profile_steps",
 })
 # Settings a resume never changes: the model, the data and the pause settings.
 FIXED = frozenset({
@@ -271,12 +272,9 @@ def check_resume(changes: Sequence[Change], allowed: Sequence[str], model_dir: s
   return list(changes)
 
 
-def log_accepted(model_dir: str, step: int, changes: Sequence[Change]) -> None:
-  """Logs accepted changes and appends them to MODEL_DIR/resume_changes.jsonl."""
-  if not changes:
-    return
+def describe_accepted(step: int, changes: Sequence[Change]) -> str:
+  """Logs accepted changes; returns their line for MODEL_DIR/resume_changes.jsonl."""
   logging.warning("Resuming at step %d with changed settings: %s.", step,
                   "; ".join(map(str, changes)))
-  with open(os.path.join(model_dir, "resume_changes.jsonl"), "a", encoding="utf-8") as f:
-    f.write(json.dumps({"time": time.time(), "step": step,
-                        "changes": [dataclasses.asdict(c) for c in changes]}) + "\n")
+  return json.dumps({"time": time.time(), "step": step,
+                     "changes": [dataclasses.asdict(c) for c in changes]}) + "\n"

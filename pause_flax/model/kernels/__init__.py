@@ -5,12 +5,14 @@ backend. A backend may replace some pieces with variants that compute the same
 values faster or in less memory there; a `Kernels` record says which:
 
   attention         what attention_impl='auto' becomes (besides
-                    jax.nn.dot_product_attention's 'xla' and 'cudnn', 'blocked')
+                    jax.nn.dot_product_attention's 'xla' and 'cudnn', 'blocked'
+                    or 'splash')
   mlp               (activation, x_BxLxD, wi_DxF, wg_DxF | None, wo_FxD) -> y_BxLxD
   embed_lookup      (table_VxD, tokens_BxL) -> x_BxLxD
   loss_vocab_major  the fused loss's chunk layout (training/loss.py)
 
-'cpu' takes its pieces from `kernels/cpu.py`. 'auto' is resolved once, by
+'cpu' takes its pieces from `kernels/cpu.py`, 'tpu' its splash attention from
+`kernels/tpu.py`. 'auto' is resolved once, by
 `resolve`, from the platform of the mesh the step runs on (the Trainer and the
 evaluator call it); layers read the resolved value, and a config still at
 'auto' runs the plain layers. Parameters are stored the same way whatever the
@@ -26,7 +28,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from pause_flax.model.configs import TransformerConfig
-from pause_flax.model.kernels import cpu
+from pause_flax.model.kernels import cpu, tpu
 from pause_flax.model.kernels.cpu import blocked_causal_attention
 
 
@@ -43,6 +45,7 @@ BACKENDS: dict[str, Kernels] = {
     "xla": Kernels(),
     "cpu": Kernels(attention="blocked", mlp=cpu.mlp, embed_lookup=cpu.embed_lookup,
                    loss_vocab_major=True),
+    "tpu": Kernels(attention="splash"),
 }
 
 
@@ -54,14 +57,15 @@ def platform(mesh: Mesh) -> str:
 def resolve(config: TransformerConfig, platform_name: str) -> TransformerConfig:
   """`config` with `kernels` and `attention_impl` chosen for `platform_name`.
 
-  kernels 'auto' becomes 'cpu' on CPU, else 'xla'. attention_impl 'auto'
-  becomes the kernels' choice ('blocked' for 'cpu'), or on a GPU cuDNN's
+  kernels 'auto' becomes 'cpu' on CPU, 'tpu' on TPU, else 'xla'. attention_impl
+  'auto' becomes the kernels' choice ('blocked' for 'cpu', 'splash' for
+  'tpu'), or on a GPU cuDNN's
   flash attention where it applies (bf16/fp16, head_dim <= 128 and a multiple
   of 8), else 'xla'. Explicit settings are kept.
   """
   kernels = config.kernels
   if kernels == "auto":
-    kernels = "cpu" if platform_name == "cpu" else "xla"
+    kernels = {"cpu": "cpu", "tpu": "tpu"}.get(platform_name, "xla")
   attention = config.attention_impl
   if attention == "auto":
     attention = BACKENDS[kernels].attention
@@ -79,13 +83,15 @@ def get(config: TransformerConfig) -> Kernels:
 
 
 def attention_impl(config: TransformerConfig, seq_len: int, *, cached: bool = False) -> str:
-  """'xla', 'cudnn' or 'blocked' for one attention call over `seq_len` queries.
+  """'xla', 'cudnn', 'blocked' or 'splash' for one attention call over `seq_len` queries.
 
   Cached decoding and an unresolved 'auto' take 'xla'; cuDNN's training
-  kernels take even lengths only, so an odd length falls back to 'xla'.
+  kernels take even lengths only, splash multiples of 128, so other lengths
+  fall back to 'xla'.
   """
   impl = config.attention_impl
-  if cached or impl == "auto" or (impl == "cudnn" and seq_len % 2):
+  if (cached or impl == "auto" or (impl == "cudnn" and seq_len % 2)
+      or (impl == "splash" and not tpu.supports(seq_len))):
     return "xla"
   return impl
 
@@ -96,4 +102,4 @@ def loss_vocab_major(config: TransformerConfig, batch_shards: int) -> bool:
 
 
 __all__ = ["BACKENDS", "Kernels", "attention_impl", "blocked_causal_attention", "cpu", "get",
-           "loss_vocab_major", "platform", "resolve"]
+           "loss_vocab_major", "platform", "resolve", "tpu"]
