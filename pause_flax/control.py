@@ -31,12 +31,13 @@ import gin
 import jax
 
 from pause_flax import gin_utils
-from pause_flax import grid
+from pause_flax import cells as cells_lib
 from pause_flax import parallel
 from pause_flax import train as train_cli
 from pause_flax.evaluation import stats
 from pause_flax.model import transformer as transformer_lib
 from pause_flax.training import loop
+from pause_flax.training import metrics as metrics_lib
 
 ARMS = ("NoPause", "SupervisedPause", "Filler", "Pause")  # run in this order
 BASELINE = "NoPause"
@@ -69,7 +70,7 @@ def task_arms(task: str, arms: Sequence[str]) -> list[str]:
 
 
 def run_control(control_dir: str, *, model_config: transformer_lib.TransformerConfig,
-                tasks: Sequence[str], stage: grid.Stage, seeds: Sequence[int],
+                tasks: Sequence[str], stage: cells_lib.Stage, seeds: Sequence[int],
                 num_pauses: int | Mapping[str, int], pause_weight: int = 1,
                 arms: Sequence[str] = ARMS, filler_text: str = ".",
                 eval_batch_size: int = 128, eval_examples: int | None = None,
@@ -99,7 +100,7 @@ def run_control(control_dir: str, *, model_config: transformer_lib.TransformerCo
     for arm in task_arms(task, arms):
       name = arm_task(task, arm, m[task], filler_ids[0], pause_weight)
       ft = "StdFT" if arm == "NoPause" else "PauseFT"
-      lengths = grid._finetune_lengths(base_lengths, ft, m[task])  # pylint: disable=protected-access
+      lengths = cells_lib.finetune_lengths(base_lengths, ft, m[task])
       evaluator = None
       for seed in seeds:
         cell = os.path.join(control_dir, "cells", task, arm, f"seed{seed}.json")
@@ -119,15 +120,15 @@ def run_control(control_dir: str, *, model_config: transformer_lib.TransformerCo
         ckpt = evaluator_lib.load_checkpoint(model_dir, mesh)
         m_inf = 0 if arm == "NoPause" else m[task]
         (result,) = evaluator.evaluate(ckpt.model, m_inf).values()
-        final_loss = (rows[-1] if rows else grid._read_jsonl(model_dir)[-1])["loss"]  # pylint: disable=protected-access
-        grid._write_json(cell, {"task": task, "arm": arm, "seed": seed,  # pylint: disable=protected-access
+        final_loss = (rows[-1] if rows else metrics_lib.read_metrics(model_dir)[-1])["loss"]
+        cells_lib.write_json(cell, {"task": task, "arm": arm, "seed": seed,
                                 "train_task": name, "m_inf": m_inf, "steps": stage.steps,
                                 "final_loss": final_loss, "metrics": result.metrics})
         if not keep_checkpoints:
           shutil.rmtree(os.path.join(model_dir, "checkpoints"), ignore_errors=True)
       # Tables so far (arms still missing seeds are listed as such).
-      results = write_results(control_dir, tasks, arms, seeds, m, confidence, stage.steps,
-                              supervised_min=supervised_min, baseline_max=baseline_max)
+      write_results(control_dir, tasks, arms, seeds, m, confidence, stage.steps,
+                    supervised_min=supervised_min, baseline_max=baseline_max)
   return write_results(control_dir, tasks, arms, seeds, m, confidence, stage.steps,
                        supervised_min=supervised_min, baseline_max=baseline_max)
 
@@ -136,7 +137,7 @@ def write_results(control_dir: str, tasks, arms, seeds, m, confidence, steps,
                   **limits) -> dict:
   results = collect(control_dir, tasks, arms, seeds, m, confidence, **limits)
   results["steps"] = steps
-  grid._write_json(os.path.join(control_dir, "results.json"), results)  # pylint: disable=protected-access
+  cells_lib.write_json(os.path.join(control_dir, "results.json"), results)
   with open(os.path.join(control_dir, "results.md"), "w", encoding="utf-8") as f:
     f.write(results_markdown(results))
   return results
@@ -155,16 +156,16 @@ def collect(control_dir: str, tasks: Sequence[str], arms: Sequence[str],
     if BASELINE not in complete:
       out["tasks"][task] = {"missing": missing}
       continue
-    cells = {a: {s: grid._read_json(p) for s, p in paths[a].items()}  # pylint: disable=protected-access
-             for a in complete}
-    name = sorted(cells[BASELINE][seeds[0]]["metrics"])[0]
+    done = {a: {s: cells_lib.read_json(p) for s, p in paths[a].items()}
+            for a in complete}
+    name = sorted(done[BASELINE][seeds[0]]["metrics"])[0]
     values = {a: {s: c["metrics"][name] for s, c in by_seed.items()}
-              for a, by_seed in cells.items()}
+              for a, by_seed in done.items()}
     rows = {}
     for a, per_seed in values.items():
       summary = stats.summarize(list(per_seed.values()))
       rows[a] = {"mean": summary.mean, "std": summary.std, "per_seed": per_seed,
-                 "m_inf": cells[a][seeds[0]]["m_inf"], "diffs": {}}
+                 "m_inf": done[a][seeds[0]]["m_inf"], "diffs": {}}
       for other in (BASELINE, "Filler"):
         if other != a and other in values:
           d = stats.paired_difference(per_seed, values[other], confidence)

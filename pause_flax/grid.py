@@ -26,7 +26,6 @@ an uninterrupted one. Results: `results.md`, `results.json`,
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -37,34 +36,19 @@ from absl import logging
 import gin
 import jax
 
+from pause_flax import cells as cells_lib
 from pause_flax import gin_utils
 from pause_flax import parallel
 from pause_flax import train as train_cli  # gin edges shared with training (make_mesh, ...)
 from pause_flax.evaluation import stats
 from pause_flax.model import transformer as transformer_lib
-from pause_flax.training import checkpointing
 from pause_flax.training import loop
+from pause_flax.training import metrics as metrics_lib
 
+Stage = cells_lib.Stage  # gin's Stage, and grid.Stage for callers
 BASELINE = "StdPT_StdFT"
 VARIANTS = ("StdPT_StdFT", "StdPT_PauseFT", "PausePT_StdFT", "PausePT_PauseFT",
             "StdPT_FillerFT")
-
-
-@dataclasses.dataclass(frozen=True)
-class Stage:
-  """How one training stage runs (pretraining or finetuning)."""
-  steps: int
-  batch_size: int
-  learning_rate: float
-  warmup_steps: int = 0
-  feature_lengths: Mapping[str, int] | None = None  # default: the task's
-  z_loss: float = 0.0
-  accum_steps: int = 1
-
-  def train_kwargs(self) -> dict:
-    return dict(train_steps=self.steps, batch_size=self.batch_size,
-                learning_rate=self.learning_rate, warmup_steps=self.warmup_steps,
-                z_loss=self.z_loss, accum_steps=self.accum_steps)
 
 
 def _variant_spec(variant: str) -> tuple[str, str]:
@@ -80,33 +64,6 @@ def _finetune_task(task: str, finetune: str, num_pauses: int, filler_id: int) ->
     return tasks_lib.pause_variant(task, form="finetune", num_pauses=num_pauses)
   return tasks_lib.filler_variant(task, filler_id=filler_id, form="finetune",
                                   num_pauses=num_pauses)
-
-
-def _read_json(path: str) -> Any:
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
-
-
-def _finetune_lengths(base: Mapping[str, int], finetune: str, num_pauses: int
-                      ) -> dict[str, int]:
-  """The prefix keeps its full length; pauses (or fillers) get room of their own."""
-  lengths = dict(base)
-  if finetune != "StdFT":
-    lengths["inputs"] += num_pauses
-  return lengths
-
-
-def _read_jsonl(model_dir: str) -> list[dict]:
-  with open(os.path.join(model_dir, "metrics.jsonl"), encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def _write_json(path: str, value: Any) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)   # a cell is either complete or absent
 
 
 def run_grid(grid_dir: str, *, model_config: transformer_lib.TransformerConfig,
@@ -160,7 +117,7 @@ def run_grid(grid_dir: str, *, model_config: transformer_lib.TransformerConfig,
                model_config=model_config, pause_fraction=fraction, seed=0, data_seed=0,
                log_every=max(1, min(100, pretrain.steps // 50)), mesh=mesh,
                **pretrain.train_kwargs())
-    _write_json(os.path.join(model_dir, "done.json"), {"steps": pretrain.steps})
+    cells_lib.write_json(os.path.join(model_dir, "done.json"), {"steps": pretrain.steps})
 
   # 2 + 3. finetuning and evaluation ------------------------------------------------
   evaluators: dict[str, Any] = {}
@@ -183,7 +140,7 @@ def run_grid(grid_dir: str, *, model_config: transformer_lib.TransformerConfig,
         logging.info("Grid: %s %s seed %d.", task, variant, seed)
         rows = loop.train(
             model_dir=model_dir, mixture_or_task_name=ft_task,
-            task_feature_lengths=_finetune_lengths(base_lengths, ft, m_ft[task]),
+            task_feature_lengths=cells_lib.finetune_lengths(base_lengths, ft, m_ft[task]),
             model_config=model_config, seed=seed, data_seed=seed,
             log_every=max(1, min(100, finetune.steps // 20)), mesh=mesh,
             init_from=pretrained[pt], **finetune.train_kwargs())
@@ -197,8 +154,8 @@ def run_grid(grid_dir: str, *, model_config: transformer_lib.TransformerConfig,
         for m in m_inf_sweep:
           (result,) = evaluators[key].evaluate(ckpt.model, m).values()
           by_m[str(m)] = result.metrics
-        last = rows[-1] if rows else _read_jsonl(model_dir)[-1]
-        _write_json(cell, {"task": task, "variant": variant, "seed": seed,
+        last = rows[-1] if rows else metrics_lib.read_metrics(model_dir)[-1]
+        cells_lib.write_json(cell, {"task": task, "variant": variant, "seed": seed,
                            "finetune_task": ft_task, "final_loss": last["loss"],
                            # the last logging window's rate (the first holds compilation)
                            "trained_tokens_per_sec": last.get("trained_tokens_per_sec"),
@@ -207,7 +164,7 @@ def run_grid(grid_dir: str, *, model_config: transformer_lib.TransformerConfig,
           shutil.rmtree(os.path.join(model_dir, "checkpoints"), ignore_errors=True)
 
   results = collect(grid_dir, tasks, variants, seeds, m_ft, m_inf_sweep, metric, confidence)
-  _write_json(os.path.join(grid_dir, "results.json"), results)
+  cells_lib.write_json(os.path.join(grid_dir, "results.json"), results)
   with open(os.path.join(grid_dir, "results.md"), "w", encoding="utf-8") as f:
     f.write(results_markdown(results))
   grid_plots.write(grid_dir, results)
@@ -231,7 +188,7 @@ def collect(grid_dir: str, tasks: Sequence[str], variants: Sequence[str],
          "confidence": confidence, "tasks": {}}
   for task in tasks:
     num_pauses = m_ft[task]
-    cells = {v: {s: _read_json(os.path.join(grid_dir, "cells", task, v, f"seed{s}.json"))
+    cells = {v: {s: cells_lib.read_json(os.path.join(grid_dir, "cells", task, v, f"seed{s}.json"))
                  for s in seeds} for v in variants}
     first = next(iter(cells[BASELINE].values()))["metrics"]["0"]
     name = metric.get(task) if isinstance(metric, Mapping) else metric

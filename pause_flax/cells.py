@@ -1,0 +1,53 @@
+"""What the grid and the pause controls share: a training stage and result cells.
+
+A cell is one finished run's result, written atomically as JSON, so a rerun of
+either command skips what is complete and redoes what is not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """How one training stage runs (pretraining or finetuning)."""
+  steps: int
+  batch_size: int
+  learning_rate: float
+  warmup_steps: int = 0
+  feature_lengths: Mapping[str, int] | None = None  # default: the task's
+  z_loss: float = 0.0
+  accum_steps: int = 1
+
+  def train_kwargs(self) -> dict:
+    return dict(train_steps=self.steps, batch_size=self.batch_size,
+                learning_rate=self.learning_rate, warmup_steps=self.warmup_steps,
+                z_loss=self.z_loss, accum_steps=self.accum_steps)
+
+
+def finetune_lengths(base: Mapping[str, int], finetune: str, num_pauses: int
+                     ) -> dict[str, int]:
+  """The prefix keeps its full length; pauses (or fillers) get room of their own."""
+  lengths = dict(base)
+  if finetune != "StdFT":
+    lengths["inputs"] += num_pauses
+  return lengths
+
+
+def read_json(path: str) -> Any:
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def write_json(path: str, value: Any) -> None:
+  """Writes atomically: a cell is either complete or absent."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(value, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
