@@ -271,9 +271,11 @@ def main(argv: Sequence[str]) -> None:
 
 
 def _run_controls_first(mesh: jax.sharding.Mesh) -> dict | None:
-  """The pause controls (pause_flax.control) in GRID_DIR/control, when gin sets run_control.*."""
+  """The pause controls (pause_flax.control) in GRID_DIR/control, when gin sets
+  run_control.tasks (to a non-empty list)."""
   try:
-    gin.query_parameter("run_control.tasks")
+    if not gin.query_parameter("run_control.tasks"):
+      return None  # run_control.tasks = []: skipped
   except ValueError:
     return None
   from pause_flax import control  # pylint: disable=g-import-not-at-top

@@ -48,6 +48,8 @@ def test_grid_runs_the_controls_first_only_when_bound(monkeypatch):
   try:
     gin.parse_config(["run_grid.grid_dir = '/tmp/g'"])
     assert grid._run_controls_first(None) is None and not calls   # pylint: disable=protected-access
+    gin.parse_config(["run_control.tasks = []"])
+    assert grid._run_controls_first(None) is None and not calls   # pylint: disable=protected-access
     gin.parse_config(["run_control.tasks = ['synthetic_parity']"])
     assert grid._run_controls_first(None) == {}   # pylint: disable=protected-access
     assert calls == ["/tmp/g/control"]

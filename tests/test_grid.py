@@ -84,7 +84,8 @@ def cli(grid_dir):
          "--gin.pretrain/Stage.steps=12", "--gin.pretrain/Stage.warmup_steps=2",
          "--gin.pretrain/Stage.feature_lengths={'targets': 64}",
          "--gin.finetune/Stage.steps=6", "--gin.finetune/Stage.warmup_steps=1",
-         "--gin.finetune/Stage.batch_size=8"]
+         "--gin.finetune/Stage.batch_size=8",
+         "--gin.run_control.tasks=[]"]  # the controls have their own tests (test_control.py)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
              JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
   return cmd, env
@@ -127,8 +128,17 @@ def test_grid_runs_resumes_after_a_kill_and_reproduces_exactly(tmp_path):
   assert trained == 6 - done_before, (trained, done_before)
   with open(os.path.join(full, "results.json")) as a, \
        open(os.path.join(killed, "results.json")) as b:
-    assert json.load(a) == json.load(b)
-  # The cells agree to the bit, final finetuning losses included.
+    assert without_timings(json.load(a)) == without_timings(json.load(b))
+  # The cells agree to the bit, final finetuning losses included (timings aside).
   for a, b in zip(cells(full), cells(killed)):
     with open(a) as fa, open(b) as fb:
-      assert json.load(fa) == json.load(fb), (a, b)
+      assert without_timings(json.load(fa)) == without_timings(json.load(fb)), (a, b)
+
+
+def without_timings(value):
+  """A result with its measured rates (trained_tokens_per_sec) left out."""
+  if isinstance(value, dict):
+    return {k: without_timings(v) for k, v in value.items() if k != "trained_tokens_per_sec"}
+  if isinstance(value, list):
+    return [without_timings(v) for v in value]
+  return value
