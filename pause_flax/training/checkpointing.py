@@ -492,7 +492,7 @@ def load_params(path: str, trainer) -> Any:
   vocabulary, loaded into a pause vocabulary) gets the missing rows of every
   parameter with a `vocab` axis from a fresh initialisation of the new model:
   the pause embedding (and output row) start as a new model's would
-  (normal(0, 1) / normal(0, 1/sqrt(d_model)) as the model initialises them).
+  (normal(0.02), as the model initialises the embedding and the output head).
   Any other shape mismatch is an error.
   """
   new_cfg = trainer.model_config
