@@ -39,7 +39,6 @@ from pause_flax import parallel
 from pause_flax.data import pipeline  # hides accelerators from TF; registers Tasks
 from pause_flax.data import tasks as tasks_lib
 from pause_flax.model import decoding
-from pause_flax.model import kernels
 from pause_flax.model import transformer as transformer_lib
 from pause_flax.training import checkpointing
 from pause_flax.vocab import PauseVocabulary
