@@ -35,7 +35,7 @@ CHANGES_NAME = "resume_changes.jsonl"
 # `configurable.*` for all of one configurable's parameters).
 SAFE = frozenset({
     "train.train_steps", "train.log_every", "train.peak_flops", "train.model_dir",
-    "train.skip_nonfinite_updates", "train.allow_changes", "train.extra_metrics_hook",
+    "train.skip_nonfinite_updates", "train.extra_metrics_hook",
     "CheckpointOptions.*", "eval_during_training.*", "make_mesh.*",
     "model_config.kernels", "model_config.attention_impl", "model_config.remat",
     "model_config.remat_policy", "train.wandb", "WandbOptions.*", "train.profile_steps",
@@ -236,8 +236,8 @@ def compare_configs(saved: str, today: str) -> list[Change]:
   changes = []
   for name in sorted(old.keys() | new.keys()):
     a, b = old.get(name), new.get(name)
-    if a == b:
-      continue
+    if a == b or name.split("/")[-1] == "train.allow_changes":
+      continue  # the override itself is not a setting of the run
     is_macro = "." not in name.split("/")[-1]
     if is_macro and (a is None or b is None):
       continue  # a macro no longer (or newly) read: its readers' change is reported
