@@ -12,7 +12,10 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import gin
 
+
+@gin.register(module=None)  # gin files of the grid and the controls bind `Stage`
 @dataclasses.dataclass(frozen=True)
 class Stage:
   """How one training stage runs (pretraining or finetuning)."""

@@ -253,7 +253,6 @@ def results_markdown(results: dict) -> str:
 
 FLAGS = flags.FLAGS
 run_grid_configurable = gin.external_configurable(run_grid, "run_grid")
-gin.external_configurable(Stage, "Stage")
 
 
 def main(argv: Sequence[str]) -> None:
