@@ -1,7 +1,7 @@
 """What the grid and the pause controls share: a training stage and result cells.
 
 A cell is one finished run's result, written atomically as JSON, so a rerun of
-either command skips what is complete and redoes what is not.
+either command skips what is complete and redoes what is not (`run_cell`).
 """
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+import shutil
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import gin
@@ -54,3 +55,28 @@ def write_json(path: str, value: Any) -> None:
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(value, f, indent=2, sort_keys=True)
   os.replace(tmp, path)
+
+
+def run_cell(cell: str, model_dir: str, *, train: Callable[[], list[dict]],
+             evaluate: Callable[[str], dict], record: Mapping[str, Any],
+             keep_checkpoints: bool = False) -> dict:
+  """One cell: train into `model_dir`, evaluate it, write `cell`; skipped when done.
+
+  `train()` returns the logged metric rows (empty when a finished run is
+  resumed), `evaluate(model_dir)` the metrics stored under "metrics". The cell
+  also keeps the run's last logged loss and trained-token rate (the last
+  logging window's: the first holds compilation). Checkpoints are deleted
+  once the cell is written unless `keep_checkpoints`.
+  """
+  if os.path.exists(cell):
+    return read_json(cell)
+  from pause_flax.training import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  rows = train()
+  last = rows[-1] if rows else metrics_lib.read_metrics(model_dir)[-1]
+  result = {**record, "final_loss": last["loss"],
+            "trained_tokens_per_sec": last.get("trained_tokens_per_sec"),
+            "metrics": evaluate(model_dir)}
+  write_json(cell, result)
+  if not keep_checkpoints:
+    shutil.rmtree(os.path.join(model_dir, "checkpoints"), ignore_errors=True)
+  return result

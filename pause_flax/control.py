@@ -15,13 +15,14 @@ transformer is expected to reach ~100% only in the SupervisedPause arm; the
 negative control (synthetic_count, no pause_targets) runs the other arms. The
 verdict compares SupervisedPause with NoPause and Filler (paired t intervals
 over the seeds) and says plainly whether the known effect was detected.
-Cells are cached in `cells/<task>/<arm>/seed<k>.json` as in the grid.
+Cells are cached in `cells/<task>/<arm>/seed<k>.json` as in the grid; the
+tables go to results.md / results.json and a figure per task to
+control_<task>.png (each arm's mean with its seeds as points).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -37,7 +38,6 @@ from pause_flax import train as train_cli
 from pause_flax.evaluation import stats
 from pause_flax.model import transformer as transformer_lib
 from pause_flax.training import loop
-from pause_flax.training import metrics as metrics_lib
 
 ARMS = ("NoPause", "SupervisedPause", "Filler", "Pause")  # run in this order
 BASELINE = "NoPause"
@@ -102,30 +102,34 @@ def run_control(control_dir: str, *, model_config: transformer_lib.TransformerCo
       ft = "StdFT" if arm == "NoPause" else "PauseFT"
       lengths = cells_lib.finetune_lengths(base_lengths, ft, m[task])
       evaluator = None
-      for seed in seeds:
-        cell = os.path.join(control_dir, "cells", task, arm, f"seed{seed}.json")
-        if os.path.exists(cell):
-          continue
-        model_dir = os.path.join(control_dir, "runs", task, arm, f"seed{seed}")
-        logging.info("Control: %s %s seed %d.", task, arm, seed)
-        rows = loop.train(model_dir=model_dir, mixture_or_task_name=name,
-                          task_feature_lengths=lengths, model_config=model_config,
-                          seed=seed, data_seed=seed,
-                          log_every=max(1, min(100, stage.steps // 20)), mesh=mesh,
-                          **stage.train_kwargs())
+      m_inf = 0 if arm == "NoPause" else m[task]
+
+      def evaluate(model_dir: str, name=name, m_inf=m_inf) -> dict:
+        nonlocal evaluator
         if evaluator is None:
           evaluator = evaluator_lib.Evaluator(
               name, batch_size=eval_batch_size, mesh=mesh, num_examples=eval_examples,
               feature_lengths=base_lengths)
         ckpt = evaluator_lib.load_checkpoint(model_dir, mesh)
-        m_inf = 0 if arm == "NoPause" else m[task]
         (result,) = evaluator.evaluate(ckpt.model, m_inf).values()
-        final_loss = (rows[-1] if rows else metrics_lib.read_metrics(model_dir)[-1])["loss"]
-        cells_lib.write_json(cell, {"task": task, "arm": arm, "seed": seed,
-                                "train_task": name, "m_inf": m_inf, "steps": stage.steps,
-                                "final_loss": final_loss, "metrics": result.metrics})
-        if not keep_checkpoints:
-          shutil.rmtree(os.path.join(model_dir, "checkpoints"), ignore_errors=True)
+        return result.metrics
+
+      for seed in seeds:
+        model_dir = os.path.join(control_dir, "runs", task, arm, f"seed{seed}")
+
+        def train(seed=seed, model_dir=model_dir, name=name, lengths=lengths) -> list[dict]:
+          logging.info("Control: %s %s seed %d.", task, arm, seed)
+          return loop.train(model_dir=model_dir, mixture_or_task_name=name,
+                            task_feature_lengths=lengths, model_config=model_config,
+                            seed=seed, data_seed=seed,
+                            log_every=max(1, min(100, stage.steps // 20)), mesh=mesh,
+                            **stage.train_kwargs())
+
+        cells_lib.run_cell(
+            os.path.join(control_dir, "cells", task, arm, f"seed{seed}.json"), model_dir,
+            train=train, evaluate=evaluate, keep_checkpoints=keep_checkpoints,
+            record={"task": task, "arm": arm, "seed": seed, "train_task": name,
+                    "m_inf": m_inf, "steps": stage.steps})
       # Tables so far (arms still missing seeds are listed as such).
       write_results(control_dir, tasks, arms, seeds, m, confidence, stage.steps,
                     supervised_min=supervised_min, baseline_max=baseline_max)
@@ -135,11 +139,14 @@ def run_control(control_dir: str, *, model_config: transformer_lib.TransformerCo
 
 def write_results(control_dir: str, tasks, arms, seeds, m, confidence, steps,
                   **limits) -> dict:
+  """results.json, results.md and control_<task>.png from the cells written so far."""
+  from pause_flax.evaluation import grid_plots  # pylint: disable=g-import-not-at-top
   results = collect(control_dir, tasks, arms, seeds, m, confidence, **limits)
   results["steps"] = steps
   cells_lib.write_json(os.path.join(control_dir, "results.json"), results)
   with open(os.path.join(control_dir, "results.md"), "w", encoding="utf-8") as f:
     f.write(results_markdown(results))
+  grid_plots.write_control(control_dir, results)
   return results
 
 

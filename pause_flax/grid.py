@@ -4,8 +4,8 @@ r"""The paper's four-way grid in one command, with a filler control and seed sta
     --gin.GRID_DIR="'/tmp/pause_grid'"
 
 1. Pretraining: a standard model and a pause model (pauses injected at
-   PAUSE_FRACTION) on the same corpus, steps and seed.
-2. Finetuning, for every task and every seed, from each pretrained model:
+   PAUSE_FRACTION) on the same corpus and steps, for every pretraining seed.
+2. Finetuning, for every task and every seed pair, from each pretrained model:
      StdPT_StdFT      standard pretraining, standard finetuning (the baseline)
      StdPT_PauseFT    standard pretraining, M_ft pauses after the prefix
      PausePT_StdFT    pause pretraining, standard finetuning
@@ -16,10 +16,12 @@ r"""The paper's four-way grid in one command, with a filler control and seed sta
 3. Evaluation on the task's validation split at every M_inf of the sweep
    (pauses, or the filler token for the filler control), greedy decoding.
 
-Every cell writes `cells/<task>/<variant>/seed<k>.json` when done and is
-skipped when that file exists, and every run resumes from its checkpoints, so
-an interrupted grid finishes only what is missing and gives the same table as
-an uninterrupted one. Results: `results.md`, `results.json`,
+Both pretrainings run on every pretraining seed p (PRETRAIN_SEEDS), and each
+is finetuned on every finetuning seed s (SEEDS), so the intervals can cover
+pretraining variance. Every cell writes `cells/<task>/<variant>/pt<p>_seed<s>.json`
+when done and is skipped when that file exists, and every run resumes from
+its checkpoints, so an interrupted grid finishes only what is missing and
+gives the same table as an uninterrupted one. Results: `results.md`, `results.json`,
 `loss_curves.png`, `m_inf_<task>.png`.
 """
 
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -43,7 +44,6 @@ from pause_flax import train as train_cli  # gin edges shared with training (mak
 from pause_flax.evaluation import stats
 from pause_flax.model import transformer as transformer_lib
 from pause_flax.training import loop
-from pause_flax.training import metrics as metrics_lib
 
 Stage = cells_lib.Stage  # gin's Stage, and grid.Stage for callers
 BASELINE = "StdPT_StdFT"
@@ -69,6 +69,7 @@ def _finetune_task(task: str, finetune: str, num_pauses: int, filler_id: int) ->
 def run_grid(grid_dir: str, *, model_config: transformer_lib.TransformerConfig,
              pretrain_task: str, pretrain: Stage, tasks: Sequence[str], finetune: Stage,
              seeds: Sequence[int], num_pauses: int | Mapping[str, int],
+             pretrain_seeds: Sequence[int] = (0,),
              pause_fraction: float = 0.1,
              m_inf_sweep: Sequence[int] = (0, 1, 2, 5, 10), filler_text: str = ".",
              variants: Sequence[str] = VARIANTS, eval_batch_size: int = 128,
@@ -76,7 +77,11 @@ def run_grid(grid_dir: str, *, model_config: transformer_lib.TransformerConfig,
              metric: str | Mapping[str, str] | None = None,
              confidence: float = 0.95, keep_checkpoints: bool = False,
              mesh: jax.sharding.Mesh | None = None) -> dict:
-  """Runs (or completes) the grid and writes its results; returns the results dict."""
+  """Runs (or completes) the grid and writes its results; returns the results dict.
+
+  Every pretraining seed p (model init and data order of both pretrainings)
+  is finetuned with every finetuning seed s; a cell is one (p, s) pair.
+  """
   from pause_flax.data import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
   from pause_flax.evaluation import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
   from pause_flax.evaluation import grid_plots  # pylint: disable=g-import-not-at-top
@@ -85,9 +90,7 @@ def run_grid(grid_dir: str, *, model_config: transformer_lib.TransformerConfig,
   if unknown or BASELINE not in variants:
     raise ValueError(f"variants={list(variants)}: choose from {VARIANTS}, the baseline "
                      f"{BASELINE} included.")
-  if len(seeds) < 2 or len(set(seeds)) != len(seeds):
-    raise ValueError(f"seeds={list(seeds)}: give at least two distinct seeds (eight or more "
-                     "to tell a few points from seed noise).")
+  _check_seeds(seeds, pretrain_seeds)
   m_ft = (dict(num_pauses) if isinstance(num_pauses, Mapping)
           else {t: num_pauses for t in tasks})
   for task in tasks:
@@ -95,29 +98,31 @@ def run_grid(grid_dir: str, *, model_config: transformer_lib.TransformerConfig,
     if m is None or m < 1 or m not in m_inf_sweep or 0 not in m_inf_sweep:
       raise ValueError(f"NUM_PAUSES={num_pauses} for {task}: M_ft must be >= 1 and the sweep "
                        f"{list(m_inf_sweep)} must contain both 0 and M_ft.")
+  _refuse_old_layout(grid_dir)
   mesh = parallel.make_mesh() if mesh is None else mesh
   os.makedirs(grid_dir, exist_ok=True)
   # Each run compiles the same programs: a persistent cache turns repeats into hits.
   jax.config.update("jax_compilation_cache_dir", os.path.join(grid_dir, "xla_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
-  # 1. pretraining ----------------------------------------------------------------
+  # 1. pretraining: each kind on each pretraining seed -------------------------------
   pretrained = {}
   for kind, fraction in (("StdPT", 0.0), ("PausePT", pause_fraction)):
     if not any(_variant_spec(v)[0] == kind for v in variants):
       continue
-    model_dir = os.path.join(grid_dir, "pretrain", kind)
-    pretrained[kind] = model_dir
-    if os.path.exists(os.path.join(model_dir, "done.json")):
-      continue
-    logging.info("Grid: pretraining %s.", kind)
-    loop.train(model_dir=model_dir, mixture_or_task_name=pretrain_task,
-               task_feature_lengths=pretrain.feature_lengths
-               or tasks_lib.default_task_feature_lengths(pretrain_task),
-               model_config=model_config, pause_fraction=fraction, seed=0, data_seed=0,
-               log_every=max(1, min(100, pretrain.steps // 50)), mesh=mesh,
-               **pretrain.train_kwargs())
-    cells_lib.write_json(os.path.join(model_dir, "done.json"), {"steps": pretrain.steps})
+    for p in pretrain_seeds:
+      model_dir = pretrain_dir(grid_dir, kind, p)
+      pretrained[kind, p] = model_dir
+      if os.path.exists(os.path.join(model_dir, "done.json")):
+        continue
+      logging.info("Grid: pretraining %s seed %d.", kind, p)
+      loop.train(model_dir=model_dir, mixture_or_task_name=pretrain_task,
+                 task_feature_lengths=pretrain.feature_lengths
+                 or tasks_lib.default_task_feature_lengths(pretrain_task),
+                 model_config=model_config, pause_fraction=fraction, seed=p, data_seed=p,
+                 log_every=max(1, min(100, pretrain.steps // 50)), mesh=mesh,
+                 **pretrain.train_kwargs())
+      cells_lib.write_json(os.path.join(model_dir, "done.json"), {"steps": pretrain.steps})
 
   # 2 + 3. finetuning and evaluation ------------------------------------------------
   evaluators: dict[str, Any] = {}
@@ -132,19 +137,9 @@ def run_grid(grid_dir: str, *, model_config: transformer_lib.TransformerConfig,
     for variant in variants:
       pt, ft = _variant_spec(variant)
       ft_task = _finetune_task(task, ft, m_ft[task], filler_ids[0])
-      for seed in seeds:
-        cell = os.path.join(grid_dir, "cells", task, variant, f"seed{seed}.json")
-        if os.path.exists(cell):
-          continue
-        model_dir = os.path.join(grid_dir, "finetune", task, variant, f"seed{seed}")
-        logging.info("Grid: %s %s seed %d.", task, variant, seed)
-        rows = loop.train(
-            model_dir=model_dir, mixture_or_task_name=ft_task,
-            task_feature_lengths=cells_lib.finetune_lengths(base_lengths, ft, m_ft[task]),
-            model_config=model_config, seed=seed, data_seed=seed,
-            log_every=max(1, min(100, finetune.steps // 20)), mesh=mesh,
-            init_from=pretrained[pt], **finetune.train_kwargs())
-        key = task if ft != "FillerFT" else ft_task
+      key = task if ft != "FillerFT" else ft_task
+
+      def evaluate(model_dir: str, key=key) -> dict:
         if key not in evaluators:
           evaluators[key] = evaluator_lib.Evaluator(
               key, batch_size=eval_batch_size, mesh=mesh, num_examples=eval_examples,
@@ -154,21 +149,67 @@ def run_grid(grid_dir: str, *, model_config: transformer_lib.TransformerConfig,
         for m in m_inf_sweep:
           (result,) = evaluators[key].evaluate(ckpt.model, m).values()
           by_m[str(m)] = result.metrics
-        last = rows[-1] if rows else metrics_lib.read_metrics(model_dir)[-1]
-        cells_lib.write_json(cell, {"task": task, "variant": variant, "seed": seed,
-                           "finetune_task": ft_task, "final_loss": last["loss"],
-                           # the last logging window's rate (the first holds compilation)
-                           "trained_tokens_per_sec": last.get("trained_tokens_per_sec"),
-                           "metrics": by_m})
-        if not keep_checkpoints:
-          shutil.rmtree(os.path.join(model_dir, "checkpoints"), ignore_errors=True)
+        return by_m
 
-  results = collect(grid_dir, tasks, variants, seeds, m_ft, m_inf_sweep, metric, confidence)
+      for p in pretrain_seeds:
+        for seed in seeds:
+          model_dir = os.path.join(grid_dir, "finetune", task, variant, pair_name(p, seed))
+
+          def train(p=p, seed=seed, model_dir=model_dir) -> list[dict]:
+            logging.info("Grid: %s %s pretraining seed %d, finetuning seed %d.",
+                         task, variant, p, seed)
+            return loop.train(
+                model_dir=model_dir, mixture_or_task_name=ft_task,
+                task_feature_lengths=cells_lib.finetune_lengths(base_lengths, ft, m_ft[task]),
+                model_config=model_config, seed=seed, data_seed=seed,
+                log_every=max(1, min(100, finetune.steps // 20)), mesh=mesh,
+                init_from=pretrained[pt, p], **finetune.train_kwargs())
+
+          cells_lib.run_cell(
+              cell_path(grid_dir, task, variant, p, seed), model_dir, train=train,
+              evaluate=evaluate, keep_checkpoints=keep_checkpoints,
+              record={"task": task, "variant": variant, "pretrain_seed": p, "seed": seed,
+                      "finetune_task": ft_task})
+
+  results = collect(grid_dir, tasks, variants, seeds, m_ft, m_inf_sweep, metric, confidence,
+                    pretrain_seeds=pretrain_seeds)
   cells_lib.write_json(os.path.join(grid_dir, "results.json"), results)
   with open(os.path.join(grid_dir, "results.md"), "w", encoding="utf-8") as f:
     f.write(results_markdown(results))
   grid_plots.write(grid_dir, results)
   return results
+
+
+def _check_seeds(seeds: Sequence[int], pretrain_seeds: Sequence[int]) -> None:
+  for macro, values in (("SEEDS", seeds), ("PRETRAIN_SEEDS", pretrain_seeds)):
+    if not values or len(set(values)) != len(values):
+      raise ValueError(f"{macro}={list(values)}: give one or more distinct seeds.")
+  if len(pretrain_seeds) == 1 and len(seeds) < 2:
+    raise ValueError(f"SEEDS={list(seeds)}: give at least two distinct seeds (eight or more "
+                     "to tell a few points from seed noise), or two or more PRETRAIN_SEEDS.")
+
+
+def pair_name(pretrain_seed: int, seed: int) -> str:
+  """A cell's name: pretraining seed p, finetuning seed s -> 'pt<p>_seed<s>'."""
+  return f"pt{pretrain_seed}_seed{seed}"
+
+
+def pretrain_dir(grid_dir: str, kind: str, pretrain_seed: int) -> str:
+  return os.path.join(grid_dir, "pretrain", kind, f"seed{pretrain_seed}")
+
+
+def cell_path(grid_dir: str, task: str, variant: str, pretrain_seed: int, seed: int) -> str:
+  return os.path.join(grid_dir, "cells", task, variant, pair_name(pretrain_seed, seed) + ".json")
+
+
+def _refuse_old_layout(grid_dir: str) -> None:
+  """Grids made before pretraining seeds kept one pretraining per kind in
+  pretrain/<kind>; their cells do not say which pretraining they used."""
+  for kind in ("StdPT", "PausePT"):
+    if os.path.exists(os.path.join(grid_dir, "pretrain", kind, "done.json")):
+      raise ValueError(
+          f"GRID_DIR={grid_dir!r} holds a grid from before pretraining seeds "
+          f"(pretrain/{kind}/done.json); nothing there was changed: give a new GRID_DIR.")
 
 
 def own_m_inf(variant: str, num_pauses: int) -> int:
@@ -178,26 +219,34 @@ def own_m_inf(variant: str, num_pauses: int) -> int:
 
 def collect(grid_dir: str, tasks: Sequence[str], variants: Sequence[str],
             seeds: Sequence[int], m_ft: Mapping[str, int], m_inf_sweep: Sequence[int],
-            metric: str | Mapping[str, str] | None, confidence: float) -> dict:
-  """Per task: each variant's mean/std over seeds and its paired difference.
+            metric: str | Mapping[str, str] | None, confidence: float,
+            pretrain_seeds: Sequence[int] = (0,)) -> dict:
+  """Per task: each variant's mean/std over (pretraining, finetuning) seed pairs
+  and its paired difference from the baseline.
 
+  With two or more pretraining seeds the interval is over pretraining seeds
+  (`stats.clustered_difference`: finetuning seeds averaged within each);
+  with one it is over the finetuning seeds of that one pretraining.
   `metric` names the metric to tabulate, for all tasks or per task (default:
   the alphabetically first one the task reports).
   """
-  out = {"seeds": list(seeds), "m_inf_sweep": list(m_inf_sweep),
-         "confidence": confidence, "tasks": {}}
+  pairs = [(p, s) for p in pretrain_seeds for s in seeds]
+  clustered = len(pretrain_seeds) > 1
+  out = {"seeds": list(seeds), "pretrain_seeds": list(pretrain_seeds),
+         "interval_over": "pretraining seeds" if clustered else "finetuning seeds",
+         "m_inf_sweep": list(m_inf_sweep), "confidence": confidence, "tasks": {}}
   for task in tasks:
     num_pauses = m_ft[task]
-    cells = {v: {s: cells_lib.read_json(os.path.join(grid_dir, "cells", task, v, f"seed{s}.json"))
-                 for s in seeds} for v in variants}
+    cells = {v: {ps: cells_lib.read_json(cell_path(grid_dir, task, v, *ps)) for ps in pairs}
+             for v in variants}
     first = next(iter(cells[BASELINE].values()))["metrics"]["0"]
     name = metric.get(task) if isinstance(metric, Mapping) else metric
     name = name or sorted(first)[0]
     if name not in first:
       raise ValueError(f"metric={name!r} is not among {sorted(first)} for {task}.")
 
-    def values(variant: str, m: int) -> dict[int, float]:
-      return {s: cells[variant][s]["metrics"][str(m)][name] for s in seeds}
+    def values(variant: str, m: int) -> dict[tuple[int, int], float]:
+      return {ps: cells[variant][ps]["metrics"][str(m)][name] for ps in pairs}
 
     base = values(BASELINE, 0)
     rows = {}
@@ -205,15 +254,17 @@ def collect(grid_dir: str, tasks: Sequence[str], variants: Sequence[str],
       own = values(v, own_m_inf(v, num_pauses))
       summary = stats.summarize(list(own.values()))
       row = {"m_inf": own_m_inf(v, num_pauses), "mean": summary.mean, "std": summary.std,
-             "per_seed": own,
+             "per_seed": {pair_name(*ps): x for ps, x in own.items()},
              "sweep": {str(m): dataclasses.asdict(stats.summarize(list(values(v, m).values())))
                        for m in m_inf_sweep}}
-      rates = [cells[v][s].get("trained_tokens_per_sec") for s in seeds]
+      rates = [cells[v][ps].get("trained_tokens_per_sec") for ps in pairs]
       if all(r is not None for r in rates):  # cells written before the rate was logged lack it
         row["trained_tokens_per_sec"] = sum(rates) / len(rates)
       if v != BASELINE:
-        d = stats.paired_difference(own, base, confidence)
-        row["diff"] = {"mean": d.mean, "low": d.low, "high": d.high,
+        d = (stats.clustered_difference(own, base, confidence) if clustered else
+             stats.paired_difference({s: x for (_, s), x in own.items()},
+                                     {s: x for (_, s), x in base.items()}, confidence))
+        row["diff"] = {"mean": d.mean, "low": d.low, "high": d.high, "n": d.n,
                        "significant": d.significant}
       rows[v] = row
     out["tasks"][task] = {"metric": name, "num_pauses": num_pauses, "variants": rows}
@@ -221,9 +272,17 @@ def collect(grid_dir: str, tasks: Sequence[str], variants: Sequence[str],
 
 
 def results_markdown(results: dict) -> str:
-  n = len(results["seeds"])
+  seeds, pt_seeds = results["seeds"], results.get("pretrain_seeds", [0])
   conf = int(round(100 * results["confidence"]))
-  lines = [f"# Pause grid: {n} finetuning seeds", ""]
+  if results.get("interval_over") == "pretraining seeds":
+    span = (f"Intervals: paired over the {len(pt_seeds)} pretraining seeds (each the mean over "
+            "its finetuning seeds), so they cover pretraining variance.")
+  else:
+    span = (f"Intervals: paired over the {len(seeds)} finetuning seeds of one pretraining run "
+            f"per kind (seed {pt_seeds[0]}); pretraining variance is not covered.")
+  lines = [f"# Pause grid: pretraining seeds {pt_seeds} x finetuning seeds {seeds}", "",
+           f"Means and stds are over the {len(pt_seeds) * len(seeds)} (pretraining, "
+           f"finetuning) seed pairs. {span}", ""]
   for task, block in results["tasks"].items():
     rate = all("trained_tokens_per_sec" in row for row in block["variants"].values())
     lines += [f"## {task} ({block['metric']}, M_ft = {block['num_pauses']})", "",
@@ -238,7 +297,7 @@ def results_markdown(results: dict) -> str:
       lines.append(f"| {v} | {row['m_inf']} | {row['mean']:.2f} ± {row['std']:.2f} | {cell} |"
                    + (f" {row['trained_tokens_per_sec']:,.0f} |" if rate else ""))
     sweep = results["m_inf_sweep"]
-    lines += ["", "M_inf sweep (mean ± std over seeds):", "",
+    lines += ["", "M_inf sweep (mean ± std over seed pairs):", "",
               "| variant | " + " | ".join(f"M_inf={m}" for m in sweep) + " |",
               "| --- |" + " --- |" * len(sweep)]
     for v, row in block["variants"].items():

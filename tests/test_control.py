@@ -1,9 +1,15 @@
-"""pause_flax.control: the verdict and tables from cells (no training here)."""
+"""pause_flax.control: the verdict and tables from cells; the command end to end (slow)."""
 
 import json
 import os
+import subprocess
+import sys
+
+import pytest
 
 from pause_flax import control
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cell(root, task, arm, seed, value):
@@ -55,3 +61,30 @@ def test_grid_runs_the_controls_first_only_when_bound(monkeypatch):
     assert calls == ["/tmp/g/control"]
   finally:
     gin.clear_config()
+
+
+@pytest.mark.slow
+def test_control_command_runs_from_its_gin_file_and_writes_table_and_figure(tmp_path):
+  """`python -m pause_flax.control` with the shipped gin file (a fresh process:
+  nothing else registers its configurables), on a tiny budget."""
+  out = str(tmp_path / "control")
+  cmd = [sys.executable, "-m", "pause_flax.control",
+         "--gin_file=gin_configs/local/positive_control.gin", f"--gin.CONTROL_DIR='{out}'",
+         "--gin.run_control.tasks=['synthetic_parity']",
+         "--gin.run_control.arms=['NoPause', 'SupervisedPause']",
+         "--gin.control/Stage.steps=4", "--gin.control/Stage.warmup_steps=1",
+         "--gin.control/Stage.batch_size=8", "--gin.run_control.eval_examples=16",
+         "--gin.run_control.eval_batch_size=16"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  table = open(os.path.join(out, "results.md"), encoding="utf-8").read()
+  assert "seeds [0, 1, 2]" in table and "| SupervisedPause | 20 |" in table
+  assert ("Positive control: DETECTED" in table) or ("Positive control: NOT DETECTED" in table)
+  assert os.path.getsize(os.path.join(out, "control_synthetic_parity.png")) > 0
+  cells = json.load(open(os.path.join(out, "cells", "synthetic_parity", "SupervisedPause",
+                                      "seed2.json"), encoding="utf-8"))
+  assert cells["steps"] == 4 and cells["m_inf"] == 20 and "exact_match" in cells["metrics"]
+  assert not os.path.exists(os.path.join(out, "runs", "synthetic_parity", "NoPause", "seed0",
+                                         "checkpoints"))   # deleted once the cell is written

@@ -152,7 +152,8 @@ def test_grid_files_bind_a_complete_grid(path):
   gin.parse_config(["GRID_DIR = '/tmp/pause_flax_gin_test_grid'"])
   b = gin.get_bindings("run_grid")
   assert isinstance(b["model_config"], transformer.TransformerConfig)
-  assert len(b["seeds"]) >= 5 and len(set(b["seeds"])) == len(b["seeds"])
+  assert len(set(b["seeds"])) == len(b["seeds"])
+  assert len(set(b["pretrain_seeds"])) == len(b["pretrain_seeds"])
   assert b["pause_fraction"] == 0.1 and 0 in b["m_inf_sweep"]
   m_ft = b["num_pauses"]
   m_ft = m_ft if isinstance(m_ft, dict) else {t: m_ft for t in b["tasks"]}
@@ -163,8 +164,9 @@ def test_grid_files_bind_a_complete_grid(path):
     tokens = p.steps * p.batch_size * p.feature_lengths["targets"]
     assert abs(tokens / PAPER_TOKENS - 1) < 0.01
     assert set(b["metric"]) == set(b["tasks"])
-  else:
-    assert len(b["seeds"]) >= 8
+    assert len(b["seeds"]) >= 5 and b["pretrain_seeds"] == [0]   # the paper: 5 finetunings
+  else:   # the offline grids: intervals over >= 3 pretraining seeds, >= 9 seed pairs
+    assert len(b["pretrain_seeds"]) >= 3 and len(b["seeds"]) * len(b["pretrain_seeds"]) >= 9
 
 
 @pytest.mark.parametrize("path", ["gin_configs/local/positive_control.gin",

@@ -15,8 +15,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK = "synthetic_digit_sum"
 
 
-def write_cell(root, variant, seed, by_m, **extra):
-  path = os.path.join(root, "cells", TASK, variant, f"seed{seed}.json")
+def write_cell(root, variant, seed, by_m, pretrain_seed=0, **extra):
+  path = grid.cell_path(str(root), TASK, variant, pretrain_seed, seed)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w") as f:
     json.dump({"metrics": {str(m): {"exact_match": v} for m, v in by_m.items()}, **extra}, f)
@@ -62,6 +62,48 @@ def test_table_shows_each_arms_trained_token_rate(tmp_path):
   assert table.split("PausePT_PauseFT | 4 |")[1].splitlines()[0].endswith(" 800 |")
 
 
+def test_pretraining_seeds_are_clusters_of_the_interval(tmp_path):
+  """With two or more pretraining seeds, the interval is over pretraining seeds
+  (finetuning seeds averaged within each), not over all seed pairs."""
+  variants = ["StdPT_StdFT", "PausePT_PauseFT"]
+  # pretraining seed 0: the variant is +4 on both finetuning seeds; seed 1: +1, +3; seed 2: +2.
+  deltas = {0: [4.0, 4.0], 1: [1.0, 3.0], 2: [2.0, 2.0]}
+  for p, ds in deltas.items():
+    for s, d in enumerate(ds):
+      base = 50.0 + 10 * p + s
+      write_cell(tmp_path, "StdPT_StdFT", s, {0: base, 4: 0.0}, pretrain_seed=p)
+      write_cell(tmp_path, "PausePT_PauseFT", s, {0: 0.0, 4: base + d}, pretrain_seed=p)
+  results = grid.collect(str(tmp_path), [TASK], variants, [0, 1], {TASK: 4}, [0, 4],
+                         None, 0.95, pretrain_seeds=[0, 1, 2])
+  diff = results["tasks"][TASK]["variants"]["PausePT_PauseFT"]["diff"]
+  assert diff["n"] == 3 and diff["mean"] == pytest.approx(8 / 3)
+  # Cluster means 4, 2, 2: sd 1.1547, t(0.975, 2 df) = 4.3027.
+  assert diff["high"] - diff["mean"] == pytest.approx(4.302652729911275 * 1.1547005 / 3 ** 0.5)
+  assert results["interval_over"] == "pretraining seeds"
+  assert results["tasks"][TASK]["variants"]["StdPT_StdFT"]["per_seed"]["pt2_seed1"] == 71.0
+  table = grid.results_markdown(results)
+  assert "pretraining seeds [0, 1, 2] x finetuning seeds [0, 1]" in table
+  assert "paired over the 3 pretraining seeds" in table
+  one = grid.collect(str(tmp_path), [TASK], variants, [0, 1], {TASK: 4}, [0, 4], None, 0.95,
+                     pretrain_seeds=[1])
+  assert one["tasks"][TASK]["variants"]["PausePT_PauseFT"]["diff"]["n"] == 2
+  assert "pretraining variance is not covered" in grid.results_markdown(one)
+
+
+def test_a_grid_dir_from_before_pretraining_seeds_is_refused_untouched(tmp_path):
+  old = tmp_path / "pretrain" / "PausePT"
+  old.mkdir(parents=True)
+  (old / "done.json").write_text("{}")
+  before = sorted(str(p) for p in tmp_path.rglob("*"))
+  cfg = grid.transformer_lib.model_config("tiny")
+  stage = grid.Stage(steps=1, batch_size=8, learning_rate=1e-3)
+  with pytest.raises(ValueError, match=r"from before pretraining seeds .*give a new GRID_DIR"):
+    grid.run_grid(str(tmp_path), model_config=cfg, pretrain_task="synthetic_lm",
+                  pretrain=stage, tasks=[TASK], finetune=stage, num_pauses=2,
+                  m_inf_sweep=[0, 2], seeds=[0, 1])
+  assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
 def test_bad_settings_are_refused():
   cfg = grid.transformer_lib.model_config("tiny")
   stage = grid.Stage(steps=1, batch_size=8, learning_rate=1e-3)
@@ -69,6 +111,8 @@ def test_bad_settings_are_refused():
             finetune=stage, num_pauses=2, m_inf_sweep=[0, 2])
   with pytest.raises(ValueError, match="at least two distinct seeds"):
     grid.run_grid("/nonexistent", seeds=[0], **kw)
+  with pytest.raises(ValueError, match=r"PRETRAIN_SEEDS=\[1, 1\]: give one or more distinct"):
+    grid.run_grid("/nonexistent", seeds=[0], pretrain_seeds=[1, 1], **kw)
   with pytest.raises(ValueError, match="choose from"):
     grid.run_grid("/nonexistent", seeds=[0, 1], variants=["StdPT_StdFT", "Bogus"], **kw)
   with pytest.raises(ValueError, match="must contain both 0 and M_ft"):
@@ -77,7 +121,8 @@ def test_bad_settings_are_refused():
 
 def cli(grid_dir):
   cmd = [sys.executable, "-m", "pause_flax.grid", "--gin_file=gin_configs/local/grid.gin",
-         f"--gin.GRID_DIR='{grid_dir}'", "--gin.SEEDS=[0, 1]", "--gin.NUM_PAUSES=2",
+         f"--gin.GRID_DIR='{grid_dir}'", "--gin.SEEDS=[0]", "--gin.PRETRAIN_SEEDS=[0, 1]",
+         "--gin.NUM_PAUSES=2",
          "--gin.run_grid.m_inf_sweep=[0, 2]", f"--gin.run_grid.tasks=['{TASK}']",
          "--gin.run_grid.variants=['StdPT_StdFT', 'PausePT_PauseFT', 'StdPT_FillerFT']",
          "--gin.run_grid.eval_examples=32", "--gin.run_grid.eval_batch_size=32",
@@ -108,6 +153,10 @@ def test_grid_runs_resumes_after_a_kill_and_reproduces_exactly(tmp_path):
   for name in ("results.md", "results.json", "loss_curves.png", f"m_inf_{TASK}.png"):
     assert os.path.getsize(os.path.join(full, name)) > 0, name
   table = open(os.path.join(full, "results.md")).read()
+  assert "pretraining seeds [0, 1] x finetuning seeds [0]" in table
+  for kind in ("StdPT", "PausePT"):   # each kind pretrained once per pretraining seed
+    for p in (0, 1):
+      assert os.path.exists(os.path.join(full, "pretrain", kind, f"seed{p}", "done.json"))
   for variant in ("StdPT_StdFT", "PausePT_PauseFT", "StdPT_FillerFT"):
     assert f"| {variant} |" in table
 

@@ -1,4 +1,5 @@
-"""PNG figures of the experiment grid: loss curves and M_inf robustness."""
+"""PNG figures of the experiment grid (loss curves, M_inf robustness) and of the
+pause controls (each arm's accuracy over seeds)."""
 
 from __future__ import annotations
 
@@ -26,22 +27,27 @@ def write(grid_dir: str, results: dict) -> list[str]:
   tasks = list(results["tasks"])
   fig, axes = plt.subplots(1, 1 + len(tasks), figsize=(5 * (1 + len(tasks)), 4), squeeze=False)
   ax = axes[0, 0]
+  pt_seeds = results.get("pretrain_seeds", [0])
   for kind in ("StdPT", "PausePT"):
-    curve = _curve(os.path.join(grid_dir, "pretrain", kind))
-    if curve is not None:
-      ax.plot(*curve, label=kind)
+    for i, p in enumerate(pt_seeds):
+      curve = _curve(os.path.join(grid_dir, "pretrain", kind, f"seed{p}"))
+      if curve is not None:
+        ax.plot(*curve, label=f"{kind} (pretraining seeds {pt_seeds})" if i == 0 else None,
+                color="C0" if kind == "StdPT" else "C1", alpha=0.8)
   ax.set(title="pretraining loss (real targets only)", xlabel="step", ylabel="loss")
   ax.legend()
+  pairs = [f"pt{p}_seed{s}" for p in pt_seeds for s in results["seeds"]]
   for ax, task in zip(axes[0, 1:], tasks):
     for variant in results["tasks"][task]["variants"]:
-      curves = [_curve(os.path.join(grid_dir, "finetune", task, variant, f"seed{s}"))
-                for s in results["seeds"]]
+      curves = [_curve(os.path.join(grid_dir, "finetune", task, variant, pair))
+                for pair in pairs]
       curves = [c for c in curves if c is not None]
       if not curves:
         continue
       n = min(len(c[1]) for c in curves)
       ax.plot(curves[0][0][:n], np.mean([c[1][:n] for c in curves], axis=0), label=variant)
-    ax.set(title=f"finetuning loss: {task} (mean over seeds)", xlabel="step", ylabel="loss")
+    ax.set(title=f"finetuning loss: {task} (mean over seed pairs)", xlabel="step",
+           ylabel="loss")
     ax.legend(fontsize=8)
   fig.tight_layout()
   path = os.path.join(grid_dir, "loss_curves.png")
@@ -62,6 +68,34 @@ def write(grid_dir: str, results: dict) -> list[str]:
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = os.path.join(grid_dir, f"m_inf_{task}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    paths.append(path)
+  return paths
+
+
+def write_control(control_dir: str, results: dict) -> list[str]:
+  """Writes control_<task>.png (arms' means as bars, seeds as points, the
+  verdict in the title) for every task with finished arms; returns the paths."""
+  paths = []
+  for task, block in results["tasks"].items():
+    if "arms" not in block:
+      continue
+    arms = list(block["arms"])
+    fig, ax = plt.subplots(figsize=(1.6 * len(arms) + 2, 4))
+    for i, arm in enumerate(arms):
+      row = block["arms"][arm]
+      ax.bar(i, row["mean"], color=f"C{i}", alpha=0.6)
+      points = list(row["per_seed"].values())
+      ax.scatter([i] * len(points), points, color="black", s=14, zorder=3)
+    ax.set_xticks(range(len(arms)), [f"{a}\n(M_inf={block['arms'][a]['m_inf']})" for a in arms],
+                  fontsize=8)
+    verdict = ("" if "detected" not in block else
+               " - DETECTED" if block["detected"] else " - NOT DETECTED")
+    ax.set(title=f"{task}: {block['metric']}, seeds {results['seeds']}{verdict}",
+           ylabel=block["metric"], ylim=(0, 105))
+    fig.tight_layout()
+    path = os.path.join(control_dir, f"control_{task}.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     paths.append(path)

@@ -4,6 +4,10 @@ Every variant is finetuned with the same seeds and evaluated on the same
 evaluation set as the StdPT_StdFT baseline, so a variant's difference is
 measured per seed (paired) and summarised with a Student-t interval. A
 difference is called significant only when its interval excludes zero.
+With several pretraining seeds, each finetuning seed is nested in one
+pretraining run: `clustered_difference` averages within each pretraining
+seed and takes the interval over pretraining seeds, so it covers the
+pretraining variance (with the few degrees of freedom that has).
 """
 
 from __future__ import annotations
@@ -62,3 +66,21 @@ def paired_difference(variant: Mapping[int, float], baseline: Mapping[int, float
   sem = float(d.std(ddof=1)) / math.sqrt(d.size)
   half = float(scipy_stats.t.ppf(0.5 + confidence / 2, d.size - 1)) * sem
   return PairedDifference(mean, mean - half, mean + half, int(d.size), confidence)
+
+
+def clustered_difference(variant: Mapping[tuple[int, int], float],
+                         baseline: Mapping[tuple[int, int], float],
+                         confidence: float = 0.95) -> PairedDifference:
+  """Paired difference over clusters: keys are (cluster, seed), e.g.
+  (pretraining seed, finetuning seed).
+
+  The per-key differences are averaged within each cluster, and the t
+  interval is taken over the cluster means (n = number of clusters).
+  """
+  by_cluster: dict[int, list[float]] = {}
+  for key in sorted(set(variant) & set(baseline)):
+    by_cluster.setdefault(key[0], []).append(variant[key] - baseline[key])
+  if not by_cluster:
+    raise ValueError("clustered_difference: the variant and the baseline share no seed.")
+  means = {c: float(np.mean(d)) for c, d in by_cluster.items()}
+  return paired_difference(means, {c: 0.0 for c in means}, confidence)
