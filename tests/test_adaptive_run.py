@@ -25,7 +25,7 @@ def test_train_then_evaluate_an_adaptive_run(tmp_path):
   with pytest.raises(ValueError, match="NUM_PAUSES=4"):
     loop.train(train_steps=2, num_pauses=4, **common)
   with pytest.raises(ValueError, match="max_len=64"):
-    loop.train(train_steps=2, **{**common, "adaptive_pauses": adaptive.AdaptivePauses(4)})
+    loop.train(train_steps=2, **{**common, "adaptive_pauses": adaptive.AdaptivePauses(5)})
   rows = loop.train(train_steps=2, **common)
   assert {"expected_pauses", "greedy_pauses", "loss"} <= set(rows[-1])
   _, meta = checkpointing.read_checkpoint_meta(run)
