@@ -25,6 +25,7 @@ import jax
 from pause_flax import gin_utils
 from pause_flax import parallel
 from pause_flax.model import transformer as _transformer  # registers model_config
+from pause_flax.training import adaptive
 from pause_flax.training import checkpointing
 from pause_flax.training import loop
 from pause_flax.training import metrics as metrics_lib
@@ -52,6 +53,7 @@ make_optimizer = gin.external_configurable(optimizer_lib.make_optimizer, "make_o
 CheckpointOptions = gin.external_configurable(checkpointing.CheckpointOptions,
                                               "CheckpointOptions")
 WandbOptions = gin.external_configurable(metrics_lib.WandbOptions, "WandbOptions")
+AdaptivePauses = gin.external_configurable(adaptive.AdaptivePauses, "AdaptivePauses")
 del _transformer
 
 
@@ -61,10 +63,12 @@ def eval_hook(mesh: jax.sharding.Mesh, *, every: int = 0,
               num_pauses: Sequence[int] | int = 0,
               feature_lengths: dict[str, int] | None = None,
               batch_size: int = 32, num_examples: int | None = None,
-              split: str = "validation"):
+              split: str = "validation", max_pauses_per_token: int | None = None):
   """`train`'s eval_hook: the evaluator on the live model every `every` steps (0: off).
 
   The hook runs at log steps: at the first one at or after each multiple of `every`.
+  `max_pauses_per_token` is the per-token pause budget of an adaptive-pause
+  model (train.adaptive_pauses); such a model needs it.
   """
   if not every:
     return None
@@ -74,7 +78,9 @@ def eval_hook(mesh: jax.sharding.Mesh, *, every: int = 0,
   from pause_flax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
   ev = evaluator.Evaluator(mixture_or_task_name, batch_size=batch_size, mesh=mesh,
                            feature_lengths=feature_lengths, split=split,
-                           num_examples=num_examples)
+                           num_examples=num_examples,
+                           decode=evaluator.DecodeOptions(
+                               max_pauses_per_token=max_pauses_per_token))
   return evaluator.PeriodicEval(every, ev, [num_pauses] if isinstance(num_pauses, int)
                                 else num_pauses)
 

@@ -132,3 +132,42 @@ class PauseVocabulary(seqio.Vocabulary):
     return f"PauseVocabulary(base={self._base}, pause_id={pause})"
 
   __repr__ = __str__
+
+
+class AdaptivePauseVocabulary(PauseVocabulary):
+  """A PauseVocabulary plus an output-only "ask for a pause" id (Catch Your Breath).
+
+  `ask_id == pause_id + 1` (the `<don't know>` class of Galashov et al. 2025):
+  a model over this vocabulary has one more output row, and when its argmax is
+  `ask_id` adaptive decoding feeds a `<pause>` instead of emitting a token. No
+  text encodes to it, nothing feeds it as an input, and decoding drops it like
+  the pause. The model's embedding table grows by one (unused) row too, which
+  keeps the input and output vocabularies one size.
+  """
+
+  @property
+  def ask_id(self) -> int:
+    return self.pause_id + 1
+
+  @property
+  def _base_vocab_size(self) -> int:
+    return self.pause_id + 2
+
+  def _decode(self, ids: Iterable[int]) -> str:
+    return super()._decode([i for i in ids if int(i) != self.ask_id])
+
+  def _decode_tf(self, ids: tf.Tensor) -> tf.Tensor:
+    ids = tf.convert_to_tensor(ids)
+    ids = tf.where(tf.equal(ids, self.ask_id), tf.cast(self.pad_id, ids.dtype), ids)
+    return super()._decode_tf(ids)
+
+  def __eq__(self, other: Any) -> bool:
+    return isinstance(other, AdaptivePauseVocabulary) and super().__eq__(other)
+
+  def __hash__(self) -> int:
+    return hash((AdaptivePauseVocabulary, type(self._base).__name__))
+
+  def __str__(self) -> str:
+    return "Adaptive" + super().__str__()
+
+  __repr__ = __str__

@@ -26,7 +26,8 @@ from pause_flax.data import tasks as tasks_lib  # noqa: E402  (registers tasks)
 
 MODEL_FEATURES = ("decoder_input_tokens", "decoder_target_tokens",
                   "decoder_loss_weights", "decoder_segment_ids",
-                  "decoder_positions")
+                  "decoder_positions",
+                  "decoder_pause_steps")  # adaptive-pause variants only
 
 
 def registered_names() -> list[str]:

@@ -32,12 +32,14 @@ import functools
 import seqio
 import tensorflow as tf
 
+from pause_flax.data import adaptive
 from pause_flax.data import downstream  # registers the paper's Tasks  # noqa: F401
 from pause_flax.data import preprocessors as prep
 from pause_flax.data import synthetic
 from pause_flax.data.feature_converters import (PauseLMFeatureConverter,
                                                PausePrefixLMFeatureConverter)
 # The registry's public names are this module's: users call tasks.pause_variant.
+from pause_flax.data.adaptive import adaptive_variant  # noqa: F401
 from pause_flax.data.registry import (DEFAULT_LENGTHS, DEFAULT_NUM_PAUSES,  # noqa: F401
                                       DEFAULT_PAUSE_FRACTION, DEFAULT_SPM_PATH,
                                       VariantSpec, add_task,
@@ -64,8 +66,11 @@ def get_feature_converter(task_or_mixture_name: str, pack: bool = False
   """LM converter for targets-only tasks, PrefixLM for tasks with 'inputs'.
 
   Pause targets get loss weight 0 when the vocabulary is a PauseVocabulary;
-  a standard task gets the same converters without a pause id.
+  a standard task gets the same converters without a pause id. An adaptive
+  variant (`adaptive_variant`) gets the converters that unroll its pauses.
   """
+  if adaptive.max_pauses(task_or_mixture_name) is not None:
+    return adaptive.feature_converter(task_or_mixture_name, pack=pack)
   features = seqio.get_mixture_or_task(task_or_mixture_name).output_features
   vocab = get_vocabulary(task_or_mixture_name)
   pause_id = vocab.pause_id if isinstance(vocab, PauseVocabulary) else None

@@ -36,8 +36,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from pause_flax import parallel
+from pause_flax.data import adaptive as adaptive_data
 from pause_flax.data import pipeline  # hides accelerators from TF; registers Tasks
 from pause_flax.data import tasks as tasks_lib
+from pause_flax.model import adaptive_decoding
 from pause_flax.model import decoding
 from pause_flax.model import transformer as transformer_lib
 from pause_flax.training import checkpointing
@@ -59,6 +61,10 @@ class DecodeOptions:
   temperature: float = 0.0           # 0: greedy
   top_k: int | None = None
   seed: int = 0
+  # Adaptive-pause models (an ask-for-a-pause output row): the most pauses the
+  # model may ask for before one token. None: the K it was trained with (`run`
+  # reads it from the checkpoint); other models ignore it.
+  max_pauses_per_token: int | None = None
 
 
 @dataclasses.dataclass
@@ -76,13 +82,13 @@ class TaskResult:
 def standard_task(name: str) -> tuple[str, int, int | None]:
   """(standard Task or Mixture, its M_ft, filler id or None) of `name`.
 
-  A pause (or filler) variant made by `tasks.pause_variant` maps back to the
-  Task it was made from; any other name is its own standard form, M_ft 0.
+  A pause (or filler) variant made by `tasks.pause_variant`, or an adaptive
+  variant (`tasks.adaptive_variant`), maps back to the Task it was made from; any other name is its own standard form, M_ft 0.
   """
   pipeline.check_task_name(name)
   spec = tasks_lib.variant_spec(name)
   if spec is None:
-    return name, 0, None
+    return adaptive_data.base_task(name) or name, 0, None
   if spec.form != "finetune":
     raise ValueError(f"{name!r} is a pretraining (injected-pause) variant of {spec.base!r}; "
                      "evaluate a Task with 'inputs' and 'targets'.")
@@ -204,6 +210,9 @@ class Evaluator:
                        f"data-parallel size {dp} and of the {jax.process_count()} processes.")
     if decode.temperature < 0 or (decode.top_k is not None and decode.top_k < 1):
       raise ValueError(f"{decode}: temperature must be >= 0 and top_k >= 1.")
+    if decode.max_pauses_per_token is not None and decode.max_pauses_per_token < 0:
+      raise ValueError(f"DecodeOptions.max_pauses_per_token={decode.max_pauses_per_token} "
+                       "must be >= 0 (or None: the K the model was trained with).")
     self.name = name
     self.batch_size = batch_size
     self.mesh = mesh
@@ -243,6 +252,8 @@ class Evaluator:
     pause_id = PauseVocabulary(vocab).pause_id
     has_pause = model.config.vocab_size > pause_id
     banned = (pause_id,) if has_pause else ()
+    if _ask_id(vocab, model) is not None:
+      banned += (_ask_id(vocab, model),)
     if self.filler_id is not None:
       return self.filler_id, banned
     if num_pauses and not has_pause:
@@ -256,7 +267,14 @@ class Evaluator:
     task, evaluator, lengths = self._tasks[name]
     vocab = task.output_features["targets"].vocabulary
     pause_id, banned = self._pause_ids(vocab, model, num_pauses)
+    ask_id = _ask_id(vocab, model)
+    budget = self.decode.max_pauses_per_token
+    if ask_id is not None and budget is None:
+      raise ValueError(
+          f"The model has an ask-for-a-pause row (id {ask_id}): set "
+          "DecodeOptions.max_pauses_per_token (evaluate.decode), its per-token pause budget.")
     prompts: dict[int, list[int]] = {}
+    pauses: dict[int, list[int]] = {}  # adaptive models: pauses before each answer token
 
     def examples(ds: tf.data.Dataset) -> tuple[list[int], list[list[int]], list[np.ndarray]]:
       indices, rows, targets = [], [], []
@@ -289,16 +307,26 @@ class Evaluator:
         return []
       width = max(map(len, rows))
       max_new = self.decode.max_new_tokens or lengths["targets"]
-      self._check_length(width + max_new, model, name, num_pauses)
+      self._check_length(width + max_new * (1 + (budget or 0) * (ask_id is not None)),
+                         model, name, num_pauses)
       rng = jax.random.key(self.decode.seed)
       out = []
       for start, tokens, lens in batches(rows, width):
         rng, batch_rng = jax.random.split(rng)
-        tokens_BxT = decoding.generate(
-            model, tokens, prompt_lengths_B=lens, max_new_tokens=max_new,
-            eos_id=vocab.eos_id, banned_ids=banned, temperature=self.decode.temperature,
-            top_k=self.decode.top_k, rng=batch_rng, mesh=self.mesh, rules=self.rules)
-        tokens_BxT = _to_host(tokens_BxT)
+        kwargs = dict(prompt_lengths_B=lens, max_new_tokens=max_new, eos_id=vocab.eos_id,
+                      banned_ids=banned, temperature=self.decode.temperature,
+                      top_k=self.decode.top_k, rng=batch_rng, mesh=self.mesh,
+                      rules=self.rules)
+        if ask_id is None:
+          tokens_BxT = _to_host(decoding.generate(model, tokens, **kwargs))
+        else:
+          result = adaptive_decoding.generate_adaptive(
+              model, tokens, pause_id=pause_id, ask_id=ask_id, max_pauses_per_token=budget,
+              **kwargs)
+          tokens_BxT, pauses_BxT = _to_host(result.tokens_BxT), _to_host(result.pauses_BxT)
+          for r in range(min(self.batch_size, len(rows) - start)):
+            n = _answer_length(tokens_BxT[r], vocab.eos_id)
+            pauses[indices[start + r]] = pauses_BxT[r, :n].tolist()
         out += [(indices[start + r], tokens_BxT[r].tolist())
                 for r in range(min(self.batch_size, len(rows) - start))]
       return out
@@ -327,7 +355,11 @@ class Evaluator:
     metrics, outputs = evaluator.evaluate(compute_metrics=True, step=step,
                                           predict_fn=predict_fn, score_fn=score_fn)
     metrics = {k: float(v) for k, v in metrics.result()[name].items()}
+    if pauses:
+      metrics.update(adaptive_metrics(pauses, prompts))
     records = self._records(task, evaluator, outputs[name], prompts, vocab, pause_id)
+    for record in records if pauses else []:
+      record["pauses_per_token"] = pauses[record["index"]]
     logging.info("%s M_inf=%d: %s", name, num_pauses, metrics)
     return TaskResult(name, num_pauses, metrics, records)
 
@@ -371,6 +403,38 @@ class Evaluator:
           f"{task} at M_inf={num_pauses}: BOS + prefix + pauses + targets is {length} tokens, "
           f"beyond the model's max_len={model.config.max_len}; shorten EVAL_FEATURE_LENGTHS "
           "or use fewer pauses.")
+
+
+def _ask_id(vocab: seqio.Vocabulary, model: transformer_lib.Transformer) -> int | None:
+  """The ask-for-a-pause id of an adaptive-pause model (one row past the pause), else None."""
+  ask_id = PauseVocabulary(vocab).pause_id + 1
+  return ask_id if model.config.vocab_size > ask_id else None
+
+
+def _answer_length(tokens: np.ndarray, eos_id: int | None) -> int:
+  """Tokens a row answered: up to and including its EOS, else all of them."""
+  if eos_id is not None:
+    hits = np.flatnonzero(tokens == eos_id)
+    if hits.size:
+      return int(hits[0]) + 1
+  return len(tokens)
+
+
+def adaptive_metrics(pauses: Mapping[int, Sequence[int]],
+                     prompts: Mapping[int, Sequence[int]]) -> dict[str, float]:
+  """The compute an adaptive-pause model spent, from the pauses before each answer token.
+
+  pauses_per_token: pauses over answer tokens (EOS included), all examples;
+  pauses_per_answer: mean pauses per example; tokens_processed_per_answer: mean
+  of prompt (BOS + prefix + M_inf pauses) + answer tokens + their pauses, the
+  positions the model ran for one example.
+  """
+  total_pauses = sum(sum(p) for p in pauses.values())
+  total_tokens = sum(len(p) for p in pauses.values())
+  processed = [len(prompts[i]) + len(p) + sum(p) for i, p in pauses.items()]
+  return {"pauses_per_token": total_pauses / max(total_tokens, 1),
+          "pauses_per_answer": total_pauses / len(pauses),
+          "tokens_processed_per_answer": float(np.mean(processed))}
 
 
 # -- outputs ------------------------------------------------------------------------
@@ -437,6 +501,10 @@ def run(checkpoint_path: str, *,
                      "MIXTURE_OR_TASK_NAME.")
   if num_pauses is None:  # a pause variant's own M, else the checkpoint's M_ft
     num_pauses = standard_task(name)[1] or ckpt.meta.get("num_pauses", 0)
+  if decode.max_pauses_per_token is None and "adaptive_pauses" in ckpt.meta:
+    # An adaptive-pause run: by default the budget is the K it was trained with.
+    decode = dataclasses.replace(
+        decode, max_pauses_per_token=int(ckpt.meta["adaptive_pauses"]["max_pauses"]))
   evaluator = Evaluator(name, batch_size=batch_size, mesh=mesh, rules=rules,
                         feature_lengths=feature_lengths, split=split,
                         num_examples=num_examples, decode=decode)

@@ -18,6 +18,7 @@ import numpy as np
 
 from pause_flax import parallel
 from pause_flax.model import transformer as transformer_lib
+from pause_flax.training import adaptive as adaptive_lib
 from pause_flax.training import checkpointing
 from pause_flax.training import metrics as metrics_lib
 from pause_flax.training import optimizer as optimizer_lib
@@ -82,6 +83,7 @@ def train(*, model_dir: str,
           allow_changes: Sequence[str] = (),
           wandb: metrics_lib.WandbOptions | None = None,
           profile_steps: tuple[int, int] | None = None,
+          adaptive_pauses: adaptive_lib.AdaptivePauses | None = None,
           optimizer=None,
           config_str=None,
           extra_metrics_hook=None,
@@ -101,6 +103,9 @@ def train(*, model_dir: str,
   `data_shards` (default: the process count) fixes how the data source is
   split; keeping it fixed gives the same global batches on any number of
   processes that divides it.
+  `adaptive_pauses` (Catch Your Breath) trains the task's adaptive variant: an
+  ask-for-a-pause output class, K pauses unrolled after every scored position,
+  and the CYB loss in place of the cross-entropy (docs/pause_policies.md).
   `wandb` (project set) also logs the metrics and the gin config to Weights &
   Biases; `profile_steps=(start, count)` traces steps start+1..start+count
   into MODEL_DIR/profile (see `profiling.StepProfiler`).
@@ -113,13 +118,18 @@ def train(*, model_dir: str,
   from pause_flax.data import tasks as tasks_lib
 
   pipeline.check_task_name(mixture_or_task_name)
-  # The data layer turns the pause settings into the Task; the loop only reads
-  # INIT_FROM's vocabulary size for it.
-  task_name = tasks_lib.training_task(
-      mixture_or_task_name, pause_fraction=pause_fraction, num_pauses=num_pauses,
-      init_vocab_size=_init_from_vocab_size(init_from) if init_from else None)
-  seq_len = pipeline.check_feature_lengths(task_name, task_feature_lengths,
-                                           model_config.max_len)
+  if adaptive_pauses is None:
+    # The data layer turns the pause settings into the Task; the loop only reads
+    # INIT_FROM's vocabulary size for it.
+    task_name = tasks_lib.training_task(
+        mixture_or_task_name, pause_fraction=pause_fraction, num_pauses=num_pauses,
+        init_vocab_size=_init_from_vocab_size(init_from) if init_from else None)
+    seq_len = pipeline.check_feature_lengths(task_name, task_feature_lengths,
+                                             model_config.max_len)
+  else:
+    task_name, seq_len = _adaptive_task(mixture_or_task_name, task_feature_lengths,
+                                        adaptive_pauses, pause_fraction, num_pauses, pack,
+                                        model_config.max_len)
   vocab = tasks_lib.get_vocabulary(task_name)
   if model_config.vocab_size != vocab.vocab_size:
     # The model's vocabulary is the task's (pause id included).
@@ -131,8 +141,10 @@ def train(*, model_dir: str,
   tx = optimizer(schedule) if optimizer is not None else optimizer_lib.make_optimizer(schedule)
   trainer = trainer_lib.Trainer(
       model_config, tx, mesh, rules=rules, schedule=schedule,
-      options=trainer_lib.StepOptions(accum_steps=accum_steps, z_loss=z_loss,
-                                      pause_id=pause_id))
+      options=trainer_lib.StepOptions(
+          accum_steps=accum_steps, z_loss=z_loss, pause_id=pause_id,
+          adaptive=adaptive_pauses,
+          ask_id=None if adaptive_pauses is None else vocab.ask_id))
 
   ds = pipeline.get_dataset(task_name, task_feature_lengths, batch_size, seed=data_seed,
                             shuffle=True, pack=pack, data_shards=data_shards)
@@ -146,6 +158,8 @@ def train(*, model_dir: str,
           "model_config": dataclasses.asdict(model_config),
           "data": _data_settings(task_name, task_feature_lengths, batch_size, pack,
                                  data_seed, data_shards)}
+  if adaptive_pauses is not None:
+    meta["adaptive_pauses"] = dataclasses.asdict(adaptive_pauses)
   config_text = config_str() if config_str is not None else None
 
   # The lock comes first: opening the checkpoint manager cleans up unfinished
@@ -192,6 +206,31 @@ def train(*, model_dir: str,
         logger.close()
       if lock is not None:
         lock.release()
+
+
+def _adaptive_task(name: str, task_feature_lengths: Mapping[str, int],
+                   options: adaptive_lib.AdaptivePauses, pause_fraction: float,
+                   num_pauses: int, pack: bool, max_len: int) -> tuple[str, int]:
+  """The adaptive variant a Catch Your Breath run reads, and its unrolled length."""
+  from pause_flax.data import adaptive as adaptive_data  # pylint: disable=g-import-not-at-top
+  from pause_flax.data import pipeline  # pylint: disable=g-import-not-at-top
+  if pause_fraction or num_pauses:
+    raise ValueError(
+        f"train.adaptive_pauses is set with PAUSE_FRACTION={pause_fraction} / NUM_PAUSES="
+        f"{num_pauses}: adaptive pauses place their own, set both to 0.")
+  if pack:
+    raise ValueError("train.adaptive_pauses does not support train.pack=True (groups of "
+                     "pauses are found by slot order): set train.pack=False.")
+  task_name = adaptive_data.adaptive_variant(name, max_pauses=options.max_pauses)
+  pipeline.check_feature_lengths(task_name, task_feature_lengths)
+  seq_len = adaptive_data.unrolled_length(task_feature_lengths, options.max_pauses)
+  if seq_len > max_len:
+    raise ValueError(
+        f"TASK_FEATURE_LENGTHS={dict(task_feature_lengths)} unrolled with "
+        f"AdaptivePauses.max_pauses={options.max_pauses} gives {seq_len} slots (total + K x "
+        f"targets), beyond the model's max_len={max_len}: shorten the features, lower "
+        "max_pauses or raise max_len.")
+  return task_name, seq_len
 
 
 def _train_loop(trainer, ckpt, data_iter, state, logger, meta, *, batch_size, seq_len,

@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from pause_flax import parallel
 from pause_flax.model import kernels
 from pause_flax.model import transformer as transformer_lib
+from pause_flax.training import adaptive as adaptive_lib
 from pause_flax.training import loss as loss_lib
 
 Batch = dict[str, jax.Array]
@@ -43,6 +44,10 @@ class StepOptions:
   # Output projection + cross-entropy fused, `loss_chunk_len` positions at a
   # time (loss.fused_cross_entropy_sums); None materialises [B, L, V] logits.
   loss_chunk_len: int | None = 32
+  # Catch Your Breath: the CYB loss over unrolled pause groups (batches carry
+  # `decoder_pause_steps`) with the output class `ask_id`; None: cross-entropy.
+  adaptive: adaptive_lib.AdaptivePauses | None = None
+  ask_id: int | None = None
 
 
 class Trainer:
@@ -57,6 +62,9 @@ class Trainer:
       raise ValueError(f"accum_steps={options.accum_steps} must be >= 1.")
     if options.loss_chunk_len is not None and options.loss_chunk_len < 1:
       raise ValueError(f"loss_chunk_len={options.loss_chunk_len} must be >= 1 or None.")
+    if options.adaptive is not None and options.ask_id is None:
+      raise ValueError("StepOptions.adaptive is set without ask_id: pass the vocabulary's "
+                       "ask_id (AdaptivePauseVocabulary.ask_id).")
     # The backend-specific kernels, resolved once for the mesh's platform.
     model_config = kernels.resolve(model_config, kernels.platform(mesh))
     self.model_config = model_config
@@ -117,7 +125,9 @@ class Trainer:
 
   # -- step ----------------------------------------------------------------
 
-  def _loss_sums(self, params: Any, batch: Batch) -> loss_lib.LossSums:
+  def _loss_sums(self, params: Any, batch: Batch
+                 ) -> tuple[loss_lib.LossSums, dict[str, jax.Array]]:
+    """The loss sums and the sums of any extra statistics (adaptive pauses)."""
     model = self.model(params)
     targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
     batch_shards = parallel.data_parallel_size(self.mesh, self.rules)
@@ -125,18 +135,23 @@ class Trainer:
       h_BxLxD = model.hidden(batch["decoder_input_tokens"],
                              positions_BxL=batch.get("decoder_positions"),
                              segment_ids_BxL=batch.get("decoder_segment_ids"))
+      if self.options.adaptive is not None:
+        return adaptive_lib.cyb_loss_sums(
+            model.logits(h_BxLxD), targets, weights, batch["decoder_pause_steps"],
+            ask_id=self.options.ask_id, options=self.options.adaptive,
+            z_loss=self.options.z_loss)
       if self.options.loss_chunk_len is None:
         return loss_lib.cross_entropy_sums(model.logits(h_BxLxD), targets, weights,
-                                           self.options.z_loss)
+                                           self.options.z_loss), {}
       return loss_lib.fused_cross_entropy_sums(
           h_BxLxD, model.output_matrix_VxD(), targets, weights, self.options.z_loss,
           vocab_size=self.model_config.vocab_size, chunk_len=self.options.loss_chunk_len,
           batch_shards=batch_shards,
-          vocab_major=kernels.loss_vocab_major(self.model_config, batch_shards))
+          vocab_major=kernels.loss_vocab_major(self.model_config, batch_shards)), {}
 
   def _grads_and_sums(self, params: Any, batch: Batch):
     """Gradient of the summed loss, accumulated over micro-batches."""
-    grad_fn = jax.grad(lambda p, b: (lambda s: (s.loss, s))(self._loss_sums(p, b)),
+    grad_fn = jax.grad(lambda p, b: (lambda s: (s[0].loss, s))(self._loss_sums(p, b)),
                        has_aux=True)
     accum = self.options.accum_steps
     if accum == 1:
@@ -158,12 +173,13 @@ class Trainer:
       return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, s)), None
 
     zeros_g = jax.tree.map(jnp.zeros_like, params)
-    zeros_s = loss_lib.LossSums(*(jnp.zeros((), jnp.float32),) * 5)
+    zeros_s = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
+        self._loss_sums, params, jax.tree.map(lambda x: x[0], micro)))
     (grads, sums), _ = jax.lax.scan(body, (zeros_g, zeros_s), micro)
     return grads, sums
 
   def _train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-    grads, sums = self._grads_and_sums(state.params, batch)
+    grads, (sums, extra) = self._grads_and_sums(state.params, batch)
     denom = jnp.maximum(sums.weight, 1e-8)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
@@ -187,6 +203,11 @@ class Trainer:
         "param_norm": optax.global_norm(params),
         "finite": finite.astype(jnp.float32),
     }
+    if self.options.adaptive is not None:
+      # Per scored token: the expected pauses (what CYB-DP budgets) and those
+      # greedy decoding would take on this (teacher-forced) batch.
+      metrics["expected_pauses"] = extra["expected_pauses"] / denom
+      metrics["greedy_pauses"] = extra["greedy_pauses"] / denom
     if self.schedule is not None:
       metrics["learning_rate"] = jnp.asarray(self.schedule(state.step), jnp.float32)
     if self.options.pause_id is not None:
