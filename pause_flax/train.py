@@ -24,6 +24,7 @@ import jax
 
 from pause_flax import gin_utils
 from pause_flax import parallel
+from pause_flax.data import policies
 from pause_flax.model import transformer as _transformer  # registers model_config
 from pause_flax.training import checkpointing
 from pause_flax.training import loop
@@ -52,7 +53,10 @@ make_optimizer = gin.external_configurable(optimizer_lib.make_optimizer, "make_o
 CheckpointOptions = gin.external_configurable(checkpointing.CheckpointOptions,
                                               "CheckpointOptions")
 WandbOptions = gin.external_configurable(metrics_lib.WandbOptions, "WandbOptions")
-del _transformer
+# Pause policies: --gin.PAUSE_PLACEMENT="@BeforeMarker()" --gin.BeforeMarker.marker="'A:'".
+for _policy in policies.POLICIES:
+  gin.external_configurable(_policy, _policy.__name__, module="pause_flax.data.policies")
+del _transformer, _policy
 
 
 @gin.configurable("eval_during_training")
