@@ -377,8 +377,6 @@ def insert_pauses(dataset: tf.data.Dataset,
                          num_pauses=count.num_pauses, pause_id=pause_id,
                          feature_key=feature_key, truncate=truncate)
   pause_id = _resolve_pause_id(pause_id, output_features, feature_key, "insert_pauses")
-  vocab = getattr((output_features or {}).get(feature_key), "vocabulary", None)
-  ids = placement.resolve(vocab)
   max_length = (sequence_length or {}).get(feature_key)
   is_prefix = feature_key == "inputs"
   biggest = count.max_count()
@@ -391,6 +389,8 @@ def insert_pauses(dataset: tf.data.Dataset,
   spec = dataset.element_spec
   if not isinstance(spec, Mapping) or feature_key not in spec:
     raise ValueError(f"insert_pauses: examples need a {feature_key!r} feature; got {spec}.")
+  ids = placement.resolve(getattr((output_features or {}).get(feature_key), "vocabulary",
+                                  None))
 
   @seqio.map_over_dataset(num_seeds=1)
   def _insert(x, seed):
