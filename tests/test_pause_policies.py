@@ -352,6 +352,23 @@ def test_training_task_policies_and_old_macros(user_task):
                                                                        stage_examples=100)
 
 
+def test_mixture_variant_gives_each_task_the_policies(user_task):
+  lm, other = user_task("user_lm", False), user_task("user_lm2", False)
+  seqio.MixtureRegistry.remove("user_mix")
+  seqio.MixtureRegistry.add("user_mix", [(lm, 1.0), (other, 3.0)])
+  try:
+    name = tasks.pause_variant("user_mix", placement="segments", count=(1, 2))
+    assert name == "user_mix_pause_pt_seg_sent_r1to2"
+    mixture = seqio.get_mixture_or_task(name)
+    assert sorted(t.name for t in mixture.tasks) == ["user_lm2_pause_pt_seg_sent_r1to2",
+                                                     "user_lm_pause_pt_seg_sent_r1to2"]
+    assert mixture.get_rate(seqio.get_mixture_or_task("user_lm2_pause_pt_seg_sent_r1to2")) == 3
+    assert tasks.variant_spec(name).placement == policies.Segments()
+  finally:
+    seqio.MixtureRegistry.remove("user_mix")
+    seqio.MixtureRegistry.remove("user_mix_pause_pt_seg_sent_r1to2")
+
+
 @pytest.fixture
 def user_task():
   vocab = seqio.ByteVocabulary()

@@ -19,10 +19,11 @@ Counts (M, per example):
   RandomRange(lo, hi)    M uniform in [lo, hi], drawn per example
   Curriculum(...)        M grows with the examples the pipeline has produced
 
-Every random choice is stateless, seeded by seqio's per-example seeds (the
-Task seed and the example's position in the stream), and the curriculum's
-counter is a `Dataset.enumerate` inside the tf.data graph: both are part of the
-iterator state that checkpoints save, so a resumed run continues exactly.
+Every random choice is stateless, seeded by seqio's seeds (from the Task seed
+and the example's position in the stream: one per example, or one per group
+of examples in the grouped uniform injection), and the curriculum's counter is
+a `Dataset.enumerate` inside the tf.data graph: both are part of the iterator
+state that checkpoints save, so a resumed run continues exactly.
 
 The policies are plain frozen dataclasses; TensorFlow is imported only when
 their ops are built, so the entry points can register them with gin cheaply.

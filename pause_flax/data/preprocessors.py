@@ -334,10 +334,12 @@ def insert_pauses(dataset: tf.data.Dataset,
   The form follows `feature_key`. 'targets' (pretraining): the example, cut to
   `sequence_length[feature_key]` when seqio passes one, is lengthened by its
   pauses and trimmed back to its length L (the tail is cut), as
-  `inject_pauses` does. 'inputs' (finetuning): the prefix keeps its pauses and
-  loses real tokens from the `truncate` side ('left': the oldest) so that
-  prefix and pauses fit the length, as `append_pauses` does (only pauses
-  beyond the whole length are cut too).
+  `inject_pauses` does. 'inputs' (finetuning): when the example gets M pauses
+  in all (Uniform, Append, BeforeMarker's last occurrence) the prefix is
+  first cut to the length minus M from the `truncate` side ('left': the
+  oldest tokens go), as `append_pauses` does, so all M survive; with M per
+  boundary (Segments, occurrence='all') real tokens are dropped from that
+  side together with the pauses just before them until the rest fits.
 
   The paper's pairs run the paper's code, bit for bit: Uniform in 'targets'
   is `inject_pauses`, Append with a fixed count is `append_pauses`. Every
