@@ -178,3 +178,23 @@ def test_control_bindings(path):
   b = gin.get_bindings("run_control")
   assert b["tasks"][0] == "synthetic_parity" and "synthetic_count" in b["tasks"]
   assert len(set(b["seeds"])) >= 3 and b["num_pauses"]["synthetic_parity"] == 20
+
+
+def test_pause_policy_macros_reach_train():
+  """PAUSE_PLACEMENT / PAUSE_COUNT / PAUSE_TOKEN: None by default (the paper's
+  recipe), and the policy objects are configurable from the command line."""
+  from pause_flax.data import policies  # pylint: disable=g-import-not-at-top
+  b = _parse("gin_configs/local/smoke_pause.gin")
+  assert (b["pause_placement"], b["pause_count"], b["pause_token"]) == (None, None, None)
+  gin.parse_config(["PAUSE_PLACEMENT = @BeforeMarker()", "BeforeMarker.marker = 'Q:'",
+                    "PAUSE_COUNT = @Curriculum()", "Curriculum.end = 8",
+                    "Curriculum.stage_examples = 64", "PAUSE_TOKEN = 46",
+                    "PAUSE_FRACTION = 0.0"])
+  b = gin.get_bindings("train")
+  assert b["pause_placement"] == policies.BeforeMarker(marker="Q:")
+  assert b["pause_count"] == policies.Curriculum(end=8, stage_examples=64)
+  assert b["pause_token"] == 46
+  gin.parse_config(["PAUSE_PLACEMENT = 'segments'", "PAUSE_COUNT = (2, 8)"])
+  b = gin.get_bindings("train")
+  assert policies.as_placement(b["pause_placement"]) == policies.Segments()
+  assert policies.as_count(b["pause_count"]) == policies.RandomRange(2, 8)

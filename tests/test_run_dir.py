@@ -70,6 +70,50 @@ def test_changes_are_named_as_typed_and_classified(edits, expected):
   assert kinds(changed(**edits)) == expected
 
 
+POLICY_SAVED = SAVED + """
+PAUSE_PLACEMENT = 'segments'
+PAUSE_COUNT = @Curriculum()
+PAUSE_TOKEN = None
+Curriculum.end = 10
+Curriculum.stage_examples = 1000
+train.pause_placement = %PAUSE_PLACEMENT
+train.pause_count = %PAUSE_COUNT
+train.pause_token = %PAUSE_TOKEN
+"""
+
+
+@pytest.mark.parametrize("edit, name", [
+    ("PAUSE_PLACEMENT = 'before_marker'", "PAUSE_PLACEMENT"),
+    ("PAUSE_COUNT = (2, 8)", "PAUSE_COUNT"),
+    ("PAUSE_TOKEN = 46", "PAUSE_TOKEN"),
+    ("Curriculum.end = 20", "Curriculum.end"),
+    ("Curriculum.increment = 2", "Curriculum.increment"),
+    ("BeforeMarker.marker = 'Q:'", "BeforeMarker.marker"),
+    ("train.pause_count = 4", "train.pause_count"),
+])
+def test_pause_policies_are_fixed_on_resume(edit, name):
+  key = edit.split(" = ")[0]
+  lines = [l for l in POLICY_SAVED.splitlines() if not l.startswith(f"{key} = ")]
+  changes = {c.name: c.kind for c in run_dir.compare_configs(
+      POLICY_SAVED, "\n".join(lines + [edit]))}
+  assert changes == {name: "fixed"}
+
+
+def test_run_saved_before_the_policy_macros_resumes_with_them_unset():
+  today = SAVED + """
+PAUSE_PLACEMENT = None
+PAUSE_COUNT = None
+PAUSE_TOKEN = None
+train.pause_placement = %PAUSE_PLACEMENT
+train.pause_count = %PAUSE_COUNT
+train.pause_token = %PAUSE_TOKEN
+"""
+  assert run_dir.compare_configs(SAVED, today) == []
+  (change,) = run_dir.compare_configs(SAVED, today.replace(
+      "PAUSE_PLACEMENT = None", "PAUSE_PLACEMENT = 'segments'"))
+  assert (change.name, change.kind) == ("train.pause_placement", "fixed")
+
+
 def test_change_shows_old_and_new_values():
   (change,) = run_dir.compare_configs(SAVED, changed(PAUSE_FRACTION=0.2))
   assert str(change) == "PAUSE_FRACTION 0.1 -> 0.2"

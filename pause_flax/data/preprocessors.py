@@ -27,6 +27,7 @@ from collections.abc import Mapping
 import seqio
 import tensorflow as tf
 
+from pause_flax.data import policies
 from pause_flax.vocab import PauseVocabulary
 
 _AUTOTUNE = tf.data.AUTOTUNE
@@ -135,7 +136,8 @@ def inject_pauses(dataset: tf.data.Dataset,
                   num_pauses: int | None = None,
                   pause_id: int | None = None,
                   feature_key: str = "targets",
-                  group_size: int = 64) -> tf.data.Dataset:
+                  group_size: int = 64,
+                  count: policies.CountPolicy | None = None) -> tf.data.Dataset:
   """Inserts pauses at uniformly random positions, keeping the length.
 
   For an example whose `feature_key` has length L, M pauses are inserted at
@@ -162,19 +164,28 @@ def inject_pauses(dataset: tf.data.Dataset,
     group_size: examples drawn together (one seqio seed and one set of ops
       per group, for speed); each example's pauses are still independent and
       uniform. The output depends on it, like on the seed.
+    count: any count policy (policies.RandomRange, Curriculum, ...) instead
+      of `fraction` / `num_pauses`; setting it with either is an error.
 
   Returns:
     The dataset with pauses in `feature_key`; other features untouched.
   """
   check_one_pause_setting(fraction, num_pauses)
-  if num_pauses is not None:
+  if count is not None:
+    if fraction is not None or num_pauses is not None:
+      raise ValueError(f"inject_pauses: set count ({count!r}) or fraction / num_pauses, "
+                       "not both.")
+    count = policies.as_count(count)
+  elif num_pauses is not None:
     _check_count("num_pauses", num_pauses)
-  elif fraction is None:
-    fraction = 0.1
-  if fraction is not None and not 0 <= fraction < 1:
-    raise ValueError(
-        f"fraction={fraction!r} is invalid: use a number in [0, 1) (the paper "
-        "uses 0.1), or set num_pauses.")
+    count = policies.Fixed(num_pauses)
+  else:
+    fraction = 0.1 if fraction is None else fraction
+    if not 0 <= fraction < 1:
+      raise ValueError(
+          f"fraction={fraction!r} is invalid: use a number in [0, 1) (the paper "
+          "uses 0.1), or set num_pauses.")
+    count = policies.Fraction(fraction)
   pause_id = _resolve_pause_id(pause_id, output_features, feature_key,
                                "inject_pauses")
   max_length = (sequence_length or {}).get(feature_key)
@@ -206,10 +217,7 @@ def inject_pauses(dataset: tf.data.Dataset,
     tokens_KxL = x[feature_key]
     length_K = x[_SHAPE_KEY + feature_key][:, 0] if feature_key in ragged else tf.fill(
         tf.shape(tokens_KxL)[:1], tf.shape(tokens_KxL)[1])
-    if num_pauses is not None:
-      m_K = tf.fill(tf.shape(length_K), tf.constant(num_pauses, tf.int32))
-    else:
-      m_K = tf.cast(tf.round(fraction * tf.cast(length_K, tf.float64)), tf.int32)
+    m_K = count.tf_counts(length_K, x.get(_INDEX_KEY), seed)
     # One spare slot past every row's L + M, so that the M-th smallest key
     # below exists even for an empty row.
     width = tf.shape(tokens_KxL)[1] + tf.reduce_max(tf.concat([m_K, [0]], 0)) + 1
@@ -240,12 +248,22 @@ def inject_pauses(dataset: tf.data.Dataset,
     return out
 
   # Grouped so that each op runs once per group_size examples, not per example.
+  if count.needs_index:
+    dataset = _with_index(dataset)
   dataset = dataset.map(_record, num_parallel_calls=_AUTOTUNE)
   dataset = _inject(dataset.padded_batch(group_size)).unbatch()
   return dataset.map(_restore, num_parallel_calls=_AUTOTUNE)
 
 
 _SHAPE_KEY = "__inject_pauses_shape__/"
+# The example's position in the stream (a Dataset.enumerate counter, so part of
+# the iterator state a checkpoint saves); only for counts that need it.
+_INDEX_KEY = _SHAPE_KEY + "__index__"
+
+
+def _with_index(dataset: tf.data.Dataset) -> tf.data.Dataset:
+  return dataset.enumerate().map(lambda i, x: {**x, _INDEX_KEY: i},
+                                 num_parallel_calls=_AUTOTUNE)
 
 
 def append_pauses(dataset: tf.data.Dataset,
@@ -300,6 +318,140 @@ def append_pauses(dataset: tf.data.Dataset,
     return {**x, feature_key: tf.concat([prefix, pauses], axis=0)}
 
   return _append(dataset)
+
+
+def insert_pauses(dataset: tf.data.Dataset,
+                  output_features: Mapping[str, seqio.Feature] | None = None,
+                  sequence_length: Mapping[str, int] | None = None,
+                  *,
+                  placement: policies.Placement | str | None = None,
+                  count: policies.CountPolicy | int | float | None = None,
+                  pause_id: int | None = None,
+                  feature_key: str = "targets",
+                  truncate: str = "left") -> tf.data.Dataset:
+  """Inserts pauses by a placement and a count policy (pause_flax.data.policies).
+
+  The form follows `feature_key`. 'targets' (pretraining): the example, cut to
+  `sequence_length[feature_key]` when seqio passes one, is lengthened by its
+  pauses and trimmed back to its length L (the tail is cut), as
+  `inject_pauses` does. 'inputs' (finetuning): when the example gets M pauses
+  in all (Uniform, Append, BeforeMarker's last occurrence) the prefix is
+  first cut to the length minus M from the `truncate` side ('left': the
+  oldest tokens go), as `append_pauses` does, so all M survive; with M per
+  boundary (Segments, occurrence='all') real tokens are dropped from that
+  side together with the pauses just before them until the rest fits.
+
+  The paper's pairs run the paper's code, bit for bit: Uniform in 'targets'
+  is `inject_pauses`, Append with a fixed count is `append_pauses`. Every
+  other pair is drawn per example from seqio's per-example seed (and, for a
+  Curriculum, the example's position in the stream).
+
+  Args:
+    dataset: examples with an int32 rank-1 `feature_key`.
+    output_features: supplied by seqio; the pause id and the vocabulary that
+      encodes markers / sentence ends.
+    sequence_length: supplied by seqio; the feature's length.
+    placement: a Placement or its name; default: the form's (Uniform for
+      'targets', Append for 'inputs').
+    count: a CountPolicy or a shorthand (int, float, (lo, hi)); default: the
+      placement's (Fraction(0.1) for Uniform, 10 for Append and BeforeMarker,
+      1 per boundary for Segments).
+    pause_id: the id inserted; default: the feature's PauseVocabulary's. Pass
+      an ordinary token id for a filler-token control.
+    feature_key: 'targets' or 'inputs'.
+    truncate: for 'inputs', the side the prefix loses tokens from
+      ('left' or 'right'); Append's own `truncate` wins for Append.
+  """
+  placement = (policies.default_placement(feature_key) if placement is None
+               else policies.as_placement(placement))
+  count = placement.default_count if count is None else policies.as_count(count)
+  placement.check(feature_key, count)
+  if isinstance(placement, policies.Append):
+    truncate = placement.truncate
+  if truncate not in ("left", "right"):
+    raise ValueError(f"truncate={truncate!r} is invalid: use 'left' (keep the end of the "
+                     "prefix) or 'right' (keep its start).")
+  if isinstance(placement, policies.Uniform) and feature_key == "targets":
+    return inject_pauses(dataset, output_features, sequence_length, count=count,
+                         pause_id=pause_id, feature_key=feature_key)
+  if isinstance(placement, policies.Append) and isinstance(count, policies.Fixed):
+    return append_pauses(dataset, output_features, sequence_length,
+                         num_pauses=count.num_pauses, pause_id=pause_id,
+                         feature_key=feature_key, truncate=truncate)
+  pause_id = _resolve_pause_id(pause_id, output_features, feature_key, "insert_pauses")
+  max_length = (sequence_length or {}).get(feature_key)
+  is_prefix = feature_key == "inputs"
+  biggest = count.max_count()
+  if is_prefix and placement.total_is_count and max_length is not None and (
+      biggest is not None and biggest >= max_length):
+    raise ValueError(
+        f"count {count} gives up to {biggest} pauses, which leaves no room for the prefix "
+        f"in {feature_key!r} of length {max_length}: use counts below {max_length} or a "
+        f"longer sequence_length[{feature_key!r}].")
+  spec = dataset.element_spec
+  if not isinstance(spec, Mapping) or feature_key not in spec:
+    raise ValueError(f"insert_pauses: examples need a {feature_key!r} feature; got {spec}.")
+  ids = placement.resolve(getattr((output_features or {}).get(feature_key), "vocabulary",
+                                  None))
+
+  @seqio.map_over_dataset(num_seeds=1)
+  def _insert(x, seed):
+    x = dict(x)
+    index = x.pop(_INDEX_KEY, None)
+    tokens = x[feature_key]
+    if max_length is not None and not is_prefix:
+      tokens = tokens[:max_length]
+    n = tf.size(tokens)
+    seen = n if max_length is None else tf.minimum(n, max_length)
+    count_seed, place_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    m = count.tf_counts(tf.reshape(seen, [1]),
+                        None if index is None else tf.reshape(index, [1]), count_seed)[0]
+    if is_prefix and max_length is not None and placement.total_is_count:
+      # As append_pauses: the prefix is cut first, so that all M pauses fit.
+      keep = tf.maximum(max_length - m, 0)
+      tokens = (tokens[tf.maximum(tf.size(tokens) - keep, 0):] if truncate == "left"
+                else tokens[:keep])
+    before = placement.pauses_before(tokens, m, place_seed, ids)
+    if is_prefix and max_length is not None:
+      tokens, before = _fit_prefix(tokens, before, max_length, truncate)
+    out = _interleave(tokens, before, tf.cast(pause_id, tokens.dtype))
+    if not is_prefix:
+      out = out[:n]
+    elif max_length is not None:
+      out = out[-max_length:] if truncate == "left" else out[:max_length]
+    x[feature_key] = out
+    return x
+
+  if count.needs_index:
+    dataset = _with_index(dataset)
+  return _insert(dataset)
+
+
+def _interleave(tokens: tf.Tensor, before: tf.Tensor, pause: tf.Tensor) -> tf.Tensor:
+  """`before[i]` pauses, then token i, for each i; then `before[n]` pauses."""
+  n = tf.size(tokens)
+  total = n + tf.reduce_sum(before)
+  position = tf.range(n) + tf.cumsum(before[:n])
+  return tf.tensor_scatter_nd_update(tf.fill([total], pause), position[:, None], tokens)
+
+
+def _fit_prefix(tokens: tf.Tensor, before: tf.Tensor, max_length: int,
+                truncate: str) -> tuple[tf.Tensor, tf.Tensor]:
+  """Drops real tokens from the `truncate` side, each with the pauses just
+  before it, until the rest fits `max_length`; pauses at the end always stay."""
+  n = tf.size(tokens)
+  if truncate == "left":
+    # Cost of keeping tokens d.. (and the pauses from before token d on).
+    cost = n - tf.range(n + 1) + tf.cumsum(before, reverse=True)
+    fits = cost <= max_length
+    drop = tf.where(tf.reduce_any(fits), tf.cast(tf.argmax(fits), tf.int32), n)
+    return tokens[drop:], before[drop:]
+  # Cost of keeping tokens ..keep-1 (their pauses and the end's).
+  cost = tf.range(n + 1) + tf.concat([[0], tf.cumsum(before[:n])], 0) + before[n]
+  fits = cost <= max_length
+  keep = tf.reduce_sum(tf.cast(fits, tf.int32)) - 1          # cost is nondecreasing
+  keep = tf.maximum(keep, 0)
+  return tokens[:keep], tf.concat([before[:keep], before[n:]], 0)
 
 
 # -- supervised pauses ----------------------------------------------------------

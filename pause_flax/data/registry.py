@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import seqio
 
+from pause_flax.data import policies
 from pause_flax.data import preprocessors as prep
 from pause_flax.vocab import PauseVocabulary
 
@@ -48,6 +49,11 @@ class VariantSpec(NamedTuple):
   num_pauses: int | None    # M (a fixed count), or None
   pause_token: int | None   # the filler id of a filler variant; None for <pause>
   pause_weight: int = 0     # loss weight of supervised pause outputs (0: the paper's)
+  # The placement (policies.Placement), None for the form's own (uniform in
+  # pretraining, appended in finetuning), and a count policy other than a
+  # fixed M or a fraction (those are num_pauses / fraction above), else None.
+  placement: policies.Placement | None = None
+  count: policies.CountPolicy | None = None
 
 
 def add_task(name: str, **kwargs) -> seqio.Task:
@@ -91,13 +97,31 @@ def _variant_name(base: str, form: str, fraction: float | None,
       f"{base}_{kind}_f{fraction:g}")
 
 
+def _policy_name(base: str, form: str, placement: policies.Placement,
+                 count: policies.CountPolicy, pause_token: int | None,
+                 pause_weight: int) -> str:
+  """Names of variants beyond the paper's: placement (unless uniform
+  pretraining) and count spelled out, 'pt_' marking a non-uniform pretraining form."""
+  parts = [base, "pause" if pause_token is None else f"filler{pause_token}"]
+  if form == "finetune":
+    parts.append(placement.suffix())
+  elif not isinstance(placement, policies.Uniform):
+    parts += ["pt", placement.suffix()]
+  parts.append(count.suffix())
+  if pause_weight:
+    parts.append("sup" if pause_weight == 1 else f"sup{pause_weight}")
+  return "_".join(parts)
+
+
 def pause_variant(task_or_mixture_name: str, *,
                   fraction: float | None = None,
                   num_pauses: int | None = None,
                   form: str = "pretrain",
                   name: str | None = None,
                   pause_token: int | None = None,
-                  pause_weight: int = 0) -> str:
+                  pause_weight: int = 0,
+                  placement: policies.Placement | str | None = None,
+                  count: policies.CountPolicy | int | float | None = None) -> str:
   """Registers the pause variant of a registered Task or Mixture.
 
   form='pretrain' appends `inject_pauses` on 'targets' after all of the
@@ -120,6 +144,16 @@ def pause_variant(task_or_mixture_name: str, *,
   with that weight (`preprocessors.attach_pause_targets`). 0 keeps the
   paper's weight 0 at pause outputs.
 
+  Beyond the paper (docs/pause_policies.md): `placement` (a
+  policies.Placement or 'uniform', 'append', 'before_marker', 'segments';
+  default: the form's) and `count` (a policies.CountPolicy, or an int, a
+  float, a pair (lo, hi); instead of `fraction` / `num_pauses`) choose where
+  and how many, through `preprocessors.insert_pauses`. Their names spell both
+  out: '<name>_pause_r2to8' (uniform pretraining, 2..8 pauses),
+  '<name>_pause_pt_seg_sent_n1' (pretraining, 1 pause after each sentence),
+  '<name>_pause_before_n10' (finetuning, 10 pauses before "Answer:"). The
+  paper's pairs keep the paper's names and preprocessors.
+
   Returns:
     The variant's name. Calling again with the same arguments is a no-op.
   """
@@ -130,26 +164,65 @@ def pause_variant(task_or_mixture_name: str, *,
   prep.check_one_pause_setting(fraction, num_pauses)
   if isinstance(pause_weight, bool) or not isinstance(pause_weight, int) or pause_weight < 0:
     raise ValueError(f"pause_weight={pause_weight!r} is invalid: use an integer >= 0.")
-  if form == "finetune":
-    if fraction is not None:
-      raise ValueError(
-          f"fraction={fraction!r} applies to form='pretrain'; finetuning "
-          "appends a fixed num_pauses.")
-    num_pauses = DEFAULT_NUM_PAUSES if num_pauses is None else num_pauses
-  elif num_pauses is None and fraction is None:
-    fraction = DEFAULT_PAUSE_FRACTION
-  if num_pauses is not None and (isinstance(num_pauses, bool) or
-                                 not isinstance(num_pauses, int) or
-                                 num_pauses < 0):
-    raise ValueError(f"num_pauses={num_pauses!r} is invalid: use an integer >= 0.")
-  if fraction is not None and not 0 <= fraction < 1:
-    raise ValueError(f"fraction={fraction!r} is invalid: use a number in [0, 1).")
+  if count is not None and (fraction is not None or num_pauses is not None):
+    raise ValueError(
+        f"Set the pause count ({count!r}) or fraction ({fraction!r}) / num_pauses "
+        f"({num_pauses!r}), not both.")
+  key = "inputs" if form == "finetune" else "targets"
+  policy = None   # (placement, count) of a variant beyond the paper's
+  if placement is not None or count is not None:
+    placement = (policies.default_placement(key) if placement is None
+                 else policies.as_placement(placement))
+    if count is not None:
+      count = policies.as_count(count)
+    elif fraction is not None:
+      count = policies.Fraction(fraction)
+    elif num_pauses is not None:
+      count = policies.Fixed(num_pauses)
+    else:
+      count = placement.default_count
+    placement.check(key, count)
+    # The paper's pairs are the paper's variants: same name, same preprocessor.
+    if placement == policies.default_placement(key) and (
+        isinstance(count, policies.Fixed) or
+        (isinstance(count, policies.Fraction) and form == "pretrain")):
+      fraction = getattr(count, "fraction", None)
+      num_pauses = getattr(count, "num_pauses", None)
+    else:
+      policy = (placement, count)
+      fraction = getattr(count, "fraction", None)
+      num_pauses = getattr(count, "num_pauses", None)
+  if policy is None:
+    if form == "finetune":
+      if fraction is not None:
+        raise ValueError(
+            f"fraction={fraction!r} applies to form='pretrain'; finetuning appends a "
+            "fixed num_pauses (count=policies.Fraction(f) appends a fraction of the "
+            "prefix).")
+      num_pauses = DEFAULT_NUM_PAUSES if num_pauses is None else num_pauses
+    elif num_pauses is None and fraction is None:
+      fraction = DEFAULT_PAUSE_FRACTION
+    if num_pauses is not None and (isinstance(num_pauses, bool) or
+                                   not isinstance(num_pauses, int) or
+                                   num_pauses < 0):
+      raise ValueError(f"num_pauses={num_pauses!r} is invalid: use an integer >= 0.")
+    if fraction is not None and not 0 <= fraction < 1:
+      raise ValueError(f"fraction={fraction!r} is invalid: use a number in [0, 1).")
 
   provider = seqio.get_mixture_or_task(task_or_mixture_name)
-  name = name or _variant_name(task_or_mixture_name, form, fraction,
-                               num_pauses, pause_token, pause_weight)
-  spec = VariantSpec(task_or_mixture_name, id(provider), form, fraction, num_pauses,
-                     pause_token, pause_weight)
+  if policy is None:
+    name = name or _variant_name(task_or_mixture_name, form, fraction,
+                                 num_pauses, pause_token, pause_weight)
+    spec = VariantSpec(task_or_mixture_name, id(provider), form, fraction, num_pauses,
+                       pause_token, pause_weight)
+  else:
+    placement, count = policy
+    name = name or _policy_name(task_or_mixture_name, form, placement, count, pause_token,
+                                pause_weight)
+    own_placement = None if placement == policies.default_placement(key) else placement
+    other_count = None if isinstance(count, (policies.Fixed, policies.Fraction)) else count
+    spec = VariantSpec(task_or_mixture_name, id(provider), form, fraction, num_pauses,
+                       pause_token, pause_weight, own_placement, other_count)
   registered = seqio.maybe_get_mixture_or_task(name) if (
       name in seqio.TaskRegistry.names() or
       name in seqio.MixtureRegistry.names()) else None
@@ -163,29 +236,32 @@ def pause_variant(task_or_mixture_name: str, *,
       return name
 
   if isinstance(provider, seqio.Mixture):
-    tasks = [(pause_variant(t.name, fraction=fraction, num_pauses=num_pauses,
-                            form=form, pause_token=pause_token,
-                            pause_weight=pause_weight),
+    settings = (dict(placement=policy[0], count=policy[1]) if policy else
+                dict(fraction=fraction, num_pauses=num_pauses))
+    tasks = [(pause_variant(t.name, form=form, pause_token=pause_token,
+                            pause_weight=pause_weight, **settings),
               provider.get_rate(t)) for t in provider.tasks]
     seqio.MixtureRegistry.remove(name)
     variant = seqio.MixtureRegistry.add(name, tasks)
   else:
-    if form == "pretrain":
+    if form == "finetune" and "inputs" not in provider.output_features:
+      raise ValueError(
+          f"Task {task_or_mixture_name!r} has no 'inputs' feature (features: "
+          f"{sorted(provider.output_features)}); form='finetune' puts pauses in "
+          "the prefix. Use form='pretrain' for LM tasks.")
+    if policy is not None:
+      step = functools.partial(prep.insert_pauses, placement=policy[0], count=policy[1],
+                               pause_id=pause_token, feature_key=key)
+    elif form == "pretrain":
       step = functools.partial(prep.inject_pauses, fraction=fraction,
                                num_pauses=num_pauses, pause_id=pause_token)
     else:
-      if "inputs" not in provider.output_features:
-        raise ValueError(
-            f"Task {task_or_mixture_name!r} has no 'inputs' feature (features: "
-            f"{sorted(provider.output_features)}); form='finetune' appends "
-            "pauses to the prefix. Use form='pretrain' for LM tasks.")
       step = functools.partial(prep.append_pauses, num_pauses=num_pauses,
                                pause_id=pause_token)
     features = (provider.output_features if pause_token is not None else
                 _pause_features(provider.output_features))
     steps = [step]
     if pause_weight:
-      key = "inputs" if form == "finetune" else "targets"
       if prep.PAUSE_TARGETS_KEY not in provider.output_features:
         raise ValueError(
             f"pause_weight={pause_weight}: Task {task_or_mixture_name!r} has no "
@@ -233,7 +309,10 @@ def default_task_feature_lengths(task_or_mixture_name: str) -> dict[str, int]:
 
 
 def training_task(task_or_mixture_name: str, *, pause_fraction: float = 0.0,
-                  num_pauses: int = 0, init_vocab_size: int | None = None) -> str:
+                  num_pauses: int = 0, init_vocab_size: int | None = None,
+                  pause_placement: policies.Placement | str | None = None,
+                  pause_count: policies.CountPolicy | int | float | None = None,
+                  pause_token: int | None = None) -> str:
   """The Task or Mixture a training run reads, from the run's pause settings.
 
   `pause_fraction > 0` (PAUSE_FRACTION): the pretraining form, pauses injected
@@ -243,15 +322,42 @@ def training_task(task_or_mixture_name: str, *, pause_fraction: float = 0.0,
   the task's (`init_vocab_size`, e.g. a pause-pretrained INIT_FROM) trains on
   the pause form with 0 pauses, so that its vocabulary keeps the pause row.
   Registers the variant it returns; a standard run gets its own name back.
+
+  Pause policies (PAUSE_PLACEMENT, PAUSE_COUNT, PAUSE_TOKEN; see
+  docs/pause_policies.md): `pause_placement` (a policies.Placement or its
+  name) and `pause_count` (a policies.CountPolicy or a shorthand: int, float,
+  (lo, hi); instead of PAUSE_FRACTION / NUM_PAUSES, not with them) choose
+  where and how many; `pause_token` inserts that ordinary token id instead of
+  `<pause>` (the filler control). With any of them set, pauses go into the
+  prefix ('inputs') of a task that has one and into 'targets' of an LM task,
+  with PAUSE_FRACTION / NUM_PAUSES (when set) as the count, else the
+  placement's default count.
   """
   prep.check_one_pause_setting(pause_fraction or None, num_pauses or None)
-  if pause_fraction:
-    return pause_variant(task_or_mixture_name, fraction=pause_fraction, form="pretrain")
-  if num_pauses:
-    return pause_variant(task_or_mixture_name, num_pauses=num_pauses, form="finetune")
-  if init_vocab_size is not None and (
-      init_vocab_size > get_vocabulary(task_or_mixture_name).vocab_size):
-    features = seqio.get_mixture_or_task(task_or_mixture_name).output_features
-    form = "finetune" if "inputs" in features else "pretrain"
-    return pause_variant(task_or_mixture_name, num_pauses=0, form=form)
-  return task_or_mixture_name
+  if pause_placement is None and pause_count is None and pause_token is None:
+    if pause_fraction:
+      return pause_variant(task_or_mixture_name, fraction=pause_fraction, form="pretrain")
+    if num_pauses:
+      return pause_variant(task_or_mixture_name, num_pauses=num_pauses, form="finetune")
+    if init_vocab_size is not None and (
+        init_vocab_size > get_vocabulary(task_or_mixture_name).vocab_size):
+      features = seqio.get_mixture_or_task(task_or_mixture_name).output_features
+      form = "finetune" if "inputs" in features else "pretrain"
+      return pause_variant(task_or_mixture_name, num_pauses=0, form=form)
+    return task_or_mixture_name
+  if pause_count is not None and (pause_fraction or num_pauses):
+    raise ValueError(
+        f"Set PAUSE_COUNT ({pause_count!r}) or PAUSE_FRACTION ({pause_fraction!r}) / "
+        f"NUM_PAUSES ({num_pauses!r}), not both: set the one you do not use to 0.")
+  features = seqio.get_mixture_or_task(task_or_mixture_name).output_features
+  form = "finetune" if "inputs" in features else "pretrain"
+  count = pause_count
+  if count is None and pause_fraction:
+    count = policies.Fraction(pause_fraction)
+  elif count is None and num_pauses:
+    count = policies.Fixed(num_pauses)
+  if count is None and pause_placement is None:
+    count = policies.default_placement("inputs" if form == "finetune" else "targets"
+                                       ).default_count
+  return pause_variant(task_or_mixture_name, form=form, placement=pause_placement,
+                       count=count, pause_token=pause_token)

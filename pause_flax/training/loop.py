@@ -62,6 +62,9 @@ def train(*, model_dir: str,
           model_config: transformer_lib.TransformerConfig,
           pause_fraction: float = 0.0,
           num_pauses: int = 0,
+          pause_placement=None,
+          pause_count=None,
+          pause_token: int | None = None,
           pack: bool = False,
           learning_rate: float = 1e-3,
           warmup_steps: int = 0,
@@ -92,7 +95,10 @@ def train(*, model_dir: str,
 
   `pause_fraction > 0` trains on the pretraining-form pause variant of the
   task (pauses injected, 10% is the paper's choice); `num_pauses > 0` on the
-  finetuning form (M pauses appended to the prefix). `optimizer` maps a
+  finetuning form (M pauses appended to the prefix). `pause_placement`,
+  `pause_count` and `pause_token` (PAUSE_PLACEMENT, PAUSE_COUNT, PAUSE_TOKEN)
+  choose other pause policies (pause_flax.data.policies objects or their
+  shorthands; docs/pause_policies.md). `optimizer` maps a
   schedule to an optax transformation (default: `make_optimizer`);
   `config_str()` returns the text written to MODEL_DIR/config.gin.
   At log steps, `extra_metrics_hook(step, state)` and `eval_hook(step,
@@ -123,10 +129,17 @@ def train(*, model_dir: str,
     # INIT_FROM's vocabulary size for it.
     task_name = tasks_lib.training_task(
         mixture_or_task_name, pause_fraction=pause_fraction, num_pauses=num_pauses,
-        init_vocab_size=_init_from_vocab_size(init_from) if init_from else None)
+        init_vocab_size=_init_from_vocab_size(init_from) if init_from else None,
+        pause_placement=pause_placement, pause_count=pause_count, pause_token=pause_token)
     seq_len = pipeline.check_feature_lengths(task_name, task_feature_lengths,
                                              model_config.max_len)
   else:
+    policy = {"PAUSE_PLACEMENT": pause_placement, "PAUSE_COUNT": pause_count,
+              "PAUSE_TOKEN": pause_token}
+    policy = {k: v for k, v in policy.items() if v is not None}
+    if policy:
+      raise ValueError(f"train.adaptive_pauses is set with {policy}: adaptive pauses place "
+                       "their own; leave PAUSE_PLACEMENT, PAUSE_COUNT and PAUSE_TOKEN unset.")
     task_name, seq_len = _adaptive_task(mixture_or_task_name, task_feature_lengths,
                                         adaptive_pauses, pause_fraction, num_pauses, pack,
                                         model_config.max_len)
@@ -372,7 +385,8 @@ def _data_settings(task_name: str, task_feature_lengths: Mapping[str, int],
 
 # How _data_settings' keys are set in gin.
 _DATA_SETTING_NAMES = {
-    "task": "MIXTURE_OR_TASK_NAME / PAUSE_FRACTION / NUM_PAUSES",
+    "task": ("MIXTURE_OR_TASK_NAME / PAUSE_FRACTION / NUM_PAUSES / PAUSE_PLACEMENT / "
+             "PAUSE_COUNT / PAUSE_TOKEN"),
     "task_feature_lengths": "TASK_FEATURE_LENGTHS", "batch_size": "BATCH_SIZE",
     "pack": "train.pack", "data_seed": "SEED (train.data_seed)",
     "data_shards": "train.data_shards"}

@@ -46,7 +46,16 @@ FIXED = frozenset({
     "train.batch_size", "train.pause_fraction", "train.num_pauses", "train.pack",
     "train.data_seed", "train.data_shards", "train.rules", "train.init_from",
     "register_tasks.*",
+    # Pause policies (PAUSE_PLACEMENT, PAUSE_COUNT, PAUSE_TOKEN) and the
+    # parameters of the policy objects gin builds for them.
+    "train.pause_placement", "train.pause_count", "train.pause_token",
+    "Fixed.*", "Fraction.*", "RandomRange.*", "Curriculum.*", "Uniform.*", "Append.*",
+    "BeforeMarker.*", "Segments.*",
 })
+# Settings added after runs were made, with the value such a run used: a saved
+# config without one matches today's when today's value (macros resolved) is it.
+ADDED_LATER = {"train.pause_placement": "None", "train.pause_count": "None",
+               "train.pause_token": "None"}
 
 
 class ResumeRefused(ValueError):
@@ -225,8 +234,20 @@ def _kind(params: Sequence[str]) -> str:
   return "overridable"
 
 
+def _resolve(config: dict[str, str], value: str | None) -> str | None:
+  """`value` with macros (`%NAME`) replaced by their values in `config`."""
+  seen = set()
+  while isinstance(value, str) and value.startswith("%") and value not in seen:
+    seen.add(value)
+    value = config.get(value[1:])
+  return value
+
+
 def compare_configs(saved: str, today: str) -> list[Change]:
-  """Every setting whose value differs between two operative gin configs."""
+  """Every setting whose value differs between two operative gin configs.
+
+  A setting in ADDED_LATER that the saved config lacks is no change while
+  today's value is the one the saved run used."""
   old, new = parse_config(saved), parse_config(today)
   users = {}  # macro -> the parameters that read it, in either config
   for config in (old, new):
@@ -238,6 +259,8 @@ def compare_configs(saved: str, today: str) -> list[Change]:
     a, b = old.get(name), new.get(name)
     if a == b or name.split("/")[-1] == "train.allow_changes":
       continue  # the override itself is not a setting of the run
+    if a is None and name in ADDED_LATER and _resolve(new, b) == ADDED_LATER[name]:
+      continue  # a run made before the setting existed used its default
     is_macro = "." not in name.split("/")[-1]
     if is_macro and (a is None or b is None):
       continue  # a macro no longer (or newly) read: its readers' change is reported
