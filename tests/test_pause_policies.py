@@ -403,3 +403,14 @@ def test_names_are_deterministic_and_distinct():
   counts = [policies.Fixed(3), policies.Fraction(0.3), policies.RandomRange(3, 3),
             policies.Curriculum(end=3, stage_examples=3)]
   assert len({c.suffix() for c in counts}) == len(counts)
+
+
+def test_adaptive_pauses_refuse_a_placement_policy(tmp_path):
+  from pause_flax.model import transformer  # pylint: disable=g-import-not-at-top
+  from pause_flax.training import adaptive, loop  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match=r"adaptive_pauses is set with \{'PAUSE_PLACEMENT'"):
+    loop.train(model_dir=str(tmp_path / "run"), mixture_or_task_name="synthetic_count",
+               task_feature_lengths={"inputs": 24, "targets": 4}, train_steps=1, batch_size=8,
+               model_config=transformer.model_config("tiny"),
+               adaptive_pauses=adaptive.AdaptivePauses(max_pauses=1),
+               pause_placement="before_marker")
