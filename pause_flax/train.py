@@ -24,6 +24,7 @@ import jax
 
 from pause_flax import gin_utils
 from pause_flax import parallel
+from pause_flax.data import low_confidence
 from pause_flax.model import transformer as _transformer  # registers model_config
 from pause_flax.training import checkpointing
 from pause_flax.training import loop
@@ -52,6 +53,8 @@ make_optimizer = gin.external_configurable(optimizer_lib.make_optimizer, "make_o
 CheckpointOptions = gin.external_configurable(checkpointing.CheckpointOptions,
                                               "CheckpointOptions")
 WandbOptions = gin.external_configurable(metrics_lib.WandbOptions, "WandbOptions")
+LowConfidencePauses = gin.external_configurable(low_confidence.LowConfidencePauses,
+                                                "LowConfidencePauses")
 del _transformer
 
 

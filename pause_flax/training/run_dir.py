@@ -45,7 +45,7 @@ FIXED = frozenset({
     "model_config.*", "train.mixture_or_task_name", "train.task_feature_lengths",
     "train.batch_size", "train.pause_fraction", "train.num_pauses", "train.pack",
     "train.data_seed", "train.data_shards", "train.rules", "train.init_from",
-    "register_tasks.*",
+    "register_tasks.*", "train.low_confidence", "LowConfidencePauses.*",
 })
 
 
@@ -238,6 +238,8 @@ def compare_configs(saved: str, today: str) -> list[Change]:
     a, b = old.get(name), new.get(name)
     if a == b or name.split("/")[-1] == "train.allow_changes":
       continue  # the override itself is not a setting of the run
+    if a is None and b == "None":
+      continue  # a setting added since the run was made, at its default (off)
     is_macro = "." not in name.split("/")[-1]
     if is_macro and (a is None or b is None):
       continue  # a macro no longer (or newly) read: its readers' change is reported
