@@ -242,6 +242,29 @@ def test_bad_settings_are_named(kwargs, needle):
   assert needle in str(e.value) and "\n" not in str(e.value)
 
 
+# -- the scoring forward ---------------------------------------------------------
+
+
+def test_fused_per_token_cross_entropy_equals_the_plain_one():
+  from pause_flax.training import loss as loss_lib
+  rng = np.random.default_rng(12)
+  h = jnp.asarray(rng.normal(size=(4, 10, 8)), jnp.float32)
+  head = jnp.asarray(rng.normal(size=(40, 8)), jnp.float32)   # 37 real rows, 3 padded
+  targets = jnp.asarray(rng.integers(0, 37, size=(4, 10)), jnp.int32)
+  weights = jnp.asarray(rng.integers(0, 2, size=(4, 10)), jnp.int32)
+  logits = np.einsum("bld,vd->blv", np.asarray(h, np.float64), np.asarray(head, np.float64))
+  logits = logits[..., :37]
+  logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  want = np.where(np.asarray(weights) > 0,
+                  logz - np.take_along_axis(logits, np.asarray(targets)[..., None], -1)[..., 0],
+                  0)
+  fused = loss_lib.fused_token_cross_entropy(h, head, targets, weights, vocab_size=37,
+                                             chunk_len=3, batch_shards=2)
+  plain = loss_lib.token_cross_entropy(jnp.asarray(logits, jnp.float32), targets, weights)
+  np.testing.assert_allclose(np.asarray(fused), want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(plain), want, rtol=1e-5, atol=1e-5)
+
+
 # -- the train step -------------------------------------------------------------
 
 CONFIG = dataclasses.replace(transformer.model_config("tiny"), vocab_size=300, max_len=32)
