@@ -24,6 +24,7 @@ import jax
 
 from pause_flax import gin_utils
 from pause_flax import parallel
+from pause_flax.data import low_confidence
 from pause_flax.data import policies
 from pause_flax.model import transformer as _transformer  # registers model_config
 from pause_flax.training import adaptive
@@ -55,6 +56,8 @@ CheckpointOptions = gin.external_configurable(checkpointing.CheckpointOptions,
                                               "CheckpointOptions")
 WandbOptions = gin.external_configurable(metrics_lib.WandbOptions, "WandbOptions")
 AdaptivePauses = gin.external_configurable(adaptive.AdaptivePauses, "AdaptivePauses")
+LowConfidencePauses = gin.external_configurable(low_confidence.LowConfidencePauses,
+                                                "LowConfidencePauses")
 # Pause policies: --gin.PAUSE_PLACEMENT="@BeforeMarker()" --gin.BeforeMarker.marker="'A:'".
 for _policy in policies.POLICIES:
   gin.external_configurable(_policy, _policy.__name__, module="pause_flax.data.policies")

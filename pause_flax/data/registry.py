@@ -312,7 +312,8 @@ def training_task(task_or_mixture_name: str, *, pause_fraction: float = 0.0,
                   num_pauses: int = 0, init_vocab_size: int | None = None,
                   pause_placement: policies.Placement | str | None = None,
                   pause_count: policies.CountPolicy | int | float | None = None,
-                  pause_token: int | None = None) -> str:
+                  pause_token: int | None = None,
+                  pause_row: bool = False) -> str:
   """The Task or Mixture a training run reads, from the run's pause settings.
 
   `pause_fraction > 0` (PAUSE_FRACTION): the pretraining form, pauses injected
@@ -320,8 +321,9 @@ def training_task(task_or_mixture_name: str, *, pause_fraction: float = 0.0,
   form, M pauses appended to the prefix. Setting both is an error. With
   neither, a run that starts from a checkpoint whose vocabulary is larger than
   the task's (`init_vocab_size`, e.g. a pause-pretrained INIT_FROM) trains on
-  the pause form with 0 pauses, so that its vocabulary keeps the pause row.
-  Registers the variant it returns; a standard run gets its own name back.
+  the pause form with 0 pauses, so that its vocabulary keeps the pause row;
+  so does a run that inserts pauses itself (`pause_row`, e.g. low-confidence
+  pauses). Registers the variant it returns; a standard run gets its own name back.
 
   Pause policies (PAUSE_PLACEMENT, PAUSE_COUNT, PAUSE_TOKEN; see
   docs/pause_policies.md): `pause_placement` (a policies.Placement or its
@@ -339,8 +341,9 @@ def training_task(task_or_mixture_name: str, *, pause_fraction: float = 0.0,
       return pause_variant(task_or_mixture_name, fraction=pause_fraction, form="pretrain")
     if num_pauses:
       return pause_variant(task_or_mixture_name, num_pauses=num_pauses, form="finetune")
-    if init_vocab_size is not None and (
-        init_vocab_size > get_vocabulary(task_or_mixture_name).vocab_size):
+    if (pause_row and not isinstance(get_vocabulary(task_or_mixture_name), PauseVocabulary)
+        ) or (init_vocab_size is not None and (
+            init_vocab_size > get_vocabulary(task_or_mixture_name).vocab_size)):
       features = seqio.get_mixture_or_task(task_or_mixture_name).output_features
       form = "finetune" if "inputs" in features else "pretrain"
       return pause_variant(task_or_mixture_name, num_pauses=0, form=form)

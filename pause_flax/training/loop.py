@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from pause_flax import parallel
+from pause_flax.data import low_confidence as low_confidence_lib
 from pause_flax.model import transformer as transformer_lib
 from pause_flax.training import adaptive as adaptive_lib
 from pause_flax.training import checkpointing
@@ -65,6 +66,7 @@ def train(*, model_dir: str,
           pause_placement=None,
           pause_count=None,
           pause_token: int | None = None,
+          low_confidence: low_confidence_lib.LowConfidencePauses | None = None,
           pack: bool = False,
           learning_rate: float = 1e-3,
           warmup_steps: int = 0,
@@ -106,6 +108,10 @@ def train(*, model_dir: str,
   log. The task read is `tasks.training_task`'s: a pause-pretrained INIT_FROM
   finetuned with num_pauses=0 trains on the task's pause form with 0 pauses, so
   its vocabulary keeps the pause row.
+  `low_confidence` (a LowConfidencePauses, DIT) scores each batch with a copy
+  of the parameters and inserts pauses before the targets it predicts worst
+  (docs/pause_policies.md); the task is read in its pause form (0 pauses unless
+  PAUSE_FRACTION / NUM_PAUSES add more) so the vocabulary has the pause row.
   `data_shards` (default: the process count) fixes how the data source is
   split; keeping it fixed gives the same global batches on any number of
   processes that divides it.
@@ -118,19 +124,27 @@ def train(*, model_dir: str,
   """
   mesh = parallel.make_mesh() if mesh is None else mesh
   _validate_run(model_dir, batch_size, train_steps, accum_steps, log_every, mesh, rules)
+  if low_confidence is not None and not isinstance(
+      low_confidence, low_confidence_lib.LowConfidencePauses):
+    raise ValueError(f"train.low_confidence={low_confidence!r} is invalid: use "
+                     "@LowConfidencePauses() (or None for the paper's placement only).")
   profiler = profiling.StepProfiler(model_dir, profile_steps)
 
   from pause_flax.data import pipeline  # seqio/TF: only once a run starts
   from pause_flax.data import tasks as tasks_lib
 
   pipeline.check_task_name(mixture_or_task_name)
+  if adaptive_pauses is not None and low_confidence is not None:
+    raise ValueError("train.adaptive_pauses and train.low_confidence are both set: each "
+                     "places its own pauses; set one of them.")
   if adaptive_pauses is None:
     # The data layer turns the pause settings into the Task; the loop only reads
     # INIT_FROM's vocabulary size for it.
     task_name = tasks_lib.training_task(
         mixture_or_task_name, pause_fraction=pause_fraction, num_pauses=num_pauses,
         init_vocab_size=_init_from_vocab_size(init_from) if init_from else None,
-        pause_placement=pause_placement, pause_count=pause_count, pause_token=pause_token)
+        pause_placement=pause_placement, pause_count=pause_count, pause_token=pause_token,
+        pause_row=low_confidence is not None)
     seq_len = pipeline.check_feature_lengths(task_name, task_feature_lengths,
                                              model_config.max_len)
   else:
@@ -157,7 +171,8 @@ def train(*, model_dir: str,
       options=trainer_lib.StepOptions(
           accum_steps=accum_steps, z_loss=z_loss, pause_id=pause_id,
           adaptive=adaptive_pauses,
-          ask_id=None if adaptive_pauses is None else vocab.ask_id))
+          ask_id=None if adaptive_pauses is None else vocab.ask_id,
+          low_confidence=low_confidence))
 
   ds = pipeline.get_dataset(task_name, task_feature_lengths, batch_size, seed=data_seed,
                             shuffle=True, pack=pack, data_shards=data_shards)
@@ -170,7 +185,7 @@ def train(*, model_dir: str,
           "base_task": mixture_or_task_name, "num_pauses": num_pauses,
           "model_config": dataclasses.asdict(model_config),
           "data": _data_settings(task_name, task_feature_lengths, batch_size, pack,
-                                 data_seed, data_shards)}
+                                 data_seed, data_shards, low_confidence)}
   if adaptive_pauses is not None:
     meta["adaptive_pauses"] = dataclasses.asdict(adaptive_pauses)
   config_text = config_str() if config_str is not None else None
@@ -376,11 +391,20 @@ class _NonFiniteGuard:
 
 def _data_settings(task_name: str, task_feature_lengths: Mapping[str, int],
                    batch_size: int, pack: bool, data_seed: int,
-                   data_shards: int | None) -> dict:
-  """What fixes the batches a run sees (saved in each checkpoint's meta)."""
-  return {"task": task_name, "task_feature_lengths": dict(task_feature_lengths),
-          "batch_size": batch_size, "pack": bool(pack), "data_seed": data_seed,
-          "data_shards": data_shards or jax.process_count()}
+                   data_shards: int | None,
+                   low_confidence: low_confidence_lib.LowConfidencePauses | None = None
+                   ) -> dict:
+  """What fixes the batches a run sees (saved in each checkpoint's meta).
+
+  The low-confidence setting is recorded only when set, so the meta of a run
+  without it is as before.
+  """
+  settings = {"task": task_name, "task_feature_lengths": dict(task_feature_lengths),
+              "batch_size": batch_size, "pack": bool(pack), "data_seed": data_seed,
+              "data_shards": data_shards or jax.process_count()}
+  if low_confidence is not None:
+    settings["low_confidence"] = dataclasses.asdict(low_confidence)
+  return settings
 
 
 # How _data_settings' keys are set in gin.
@@ -389,7 +413,9 @@ _DATA_SETTING_NAMES = {
              "PAUSE_COUNT / PAUSE_TOKEN"),
     "task_feature_lengths": "TASK_FEATURE_LENGTHS", "batch_size": "BATCH_SIZE",
     "pack": "train.pack", "data_seed": "SEED (train.data_seed)",
-    "data_shards": "train.data_shards"}
+    "data_shards": "train.data_shards", "low_confidence": "train.low_confidence"}
+# Settings recorded only when set: present on one side only is a change too.
+_OPTIONAL_DATA_SETTINGS = ("low_confidence",)
 
 
 def _check_model_dir(model_dir: str) -> None:
@@ -449,11 +475,14 @@ def _check_resume(ckpt: checkpointing.Checkpointer, model_dir: str,
   except Exception:  # pylint: disable=broad-except
     saved_data = {}  # unreadable meta: the restore decides whether it is damaged
   differ = [k for k in saved_data if k in data and saved_data[k] != data[k]]
+  if saved_data:
+    differ += [k for k in _OPTIONAL_DATA_SETTINGS
+               if (k in saved_data) != (k in data)]
   if differ:
     raise run_dir.ResumeRefused(
         f"MODEL_DIR={model_dir!r} holds a run at step {steps[-1]} whose data differ: "
-        + "; ".join(f"{_DATA_SETTING_NAMES.get(k, k)} {saved_data[k]!r} -> {data[k]!r}"
-                    for k in differ)
+        + "; ".join(f"{_DATA_SETTING_NAMES.get(k, k)} {saved_data.get(k)!r} -> "
+                    f"{data.get(k)!r}" for k in differ)
         + ". The data cannot change on resume: use a new MODEL_DIR or the saved settings.")
   if train_steps < steps[-1]:
     raise run_dir.ResumeRefused(

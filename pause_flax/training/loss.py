@@ -53,6 +53,15 @@ def cross_entropy_sums(logits_BxLxV: jax.Array, targets_BxL: jax.Array,
                   correct=jnp.sum(w * correct_BxL), weight=jnp.sum(w))
 
 
+def token_cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array,
+                        weights_BxL: jax.Array) -> jax.Array:
+  """float32 [B, L]: each target's cross-entropy (0 where the weight is 0)."""
+  logits = logits_BxLxV.astype(jnp.float32)
+  log_z_BxL = jax.nn.logsumexp(logits, axis=-1)
+  target_logit_BxL = jnp.take_along_axis(logits, targets_BxL[..., None], axis=-1)[..., 0]
+  return jnp.where(weights_BxL > 0, log_z_BxL - target_logit_BxL, 0.0)
+
+
 # ---------------------------------------------------------------------------
 # Fused output projection + cross-entropy.
 
@@ -196,6 +205,25 @@ def _fused_bwd(z_loss, vocab_size, chunk_len, batch_shards, vocab_major, grads, 
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def fused_token_cross_entropy(h_BxLxD: jax.Array, head_VxD: jax.Array,
+                              targets_BxL: jax.Array, weights_BxL: jax.Array, *,
+                              vocab_size: int | None = None, chunk_len: int = 32,
+                              batch_shards: int = 1, vocab_major: bool = False) -> jax.Array:
+  """`token_cross_entropy(h @ head.T, ...)`, a chunk of positions at a time.
+
+  The forward half of `fused_cross_entropy_sums` (same arguments), returning
+  the per-target terms instead of their sums; no gradient is defined.
+  """
+  if chunk_len < 1:
+    raise ValueError(f"chunk_len={chunk_len} must be >= 1.")
+  vocab_size = head_VxD.shape[0] if vocab_size is None else vocab_size
+  (ce_BxL, _, _), _ = _fused_scan(
+      jax.lax.stop_gradient(h_BxLxD), jax.lax.stop_gradient(head_VxD), targets_BxL,
+      weights_BxL, 0.0, vocab_size, chunk_len, batch_shards, bool(vocab_major),
+      with_grad=False)
+  return ce_BxL
 
 
 def fused_cross_entropy_sums(h_BxLxD: jax.Array, head_VxD: jax.Array, targets_BxL: jax.Array,

@@ -51,11 +51,10 @@ FIXED = frozenset({
     "train.pause_placement", "train.pause_count", "train.pause_token",
     "Fixed.*", "Fraction.*", "RandomRange.*", "Curriculum.*", "Uniform.*", "Append.*",
     "BeforeMarker.*", "Segments.*",
+    # Low-confidence placement (DIT) and adaptive pauses (Catch Your Breath).
+    "train.low_confidence", "LowConfidencePauses.*",
+    "train.adaptive_pauses", "AdaptivePauses.*",
 })
-# Settings added after runs were made, with the value such a run used: a saved
-# config without one matches today's when today's value (macros resolved) is it.
-ADDED_LATER = {"train.pause_placement": "None", "train.pause_count": "None",
-               "train.pause_token": "None"}
 
 
 class ResumeRefused(ValueError):
@@ -246,8 +245,9 @@ def _resolve(config: dict[str, str], value: str | None) -> str | None:
 def compare_configs(saved: str, today: str) -> list[Change]:
   """Every setting whose value differs between two operative gin configs.
 
-  A setting in ADDED_LATER that the saved config lacks is no change while
-  today's value is the one the saved run used."""
+  A setting the saved config lacks (it did not exist when the run was made)
+  is no change while today's value, macros resolved, is None (the feature
+  off, as the run had it)."""
   old, new = parse_config(saved), parse_config(today)
   users = {}  # macro -> the parameters that read it, in either config
   for config in (old, new):
@@ -259,8 +259,8 @@ def compare_configs(saved: str, today: str) -> list[Change]:
     a, b = old.get(name), new.get(name)
     if a == b or name.split("/")[-1] == "train.allow_changes":
       continue  # the override itself is not a setting of the run
-    if a is None and name in ADDED_LATER and _resolve(new, b) == ADDED_LATER[name]:
-      continue  # a run made before the setting existed used its default
+    if a is None and _resolve(new, b) == "None":
+      continue  # a setting added since the run was made, at its default (off)
     is_macro = "." not in name.split("/")[-1]
     if is_macro and (a is None or b is None):
       continue  # a macro no longer (or newly) read: its readers' change is reported

@@ -4,7 +4,9 @@ The step is `jax.jit` with explicit in/out shardings and the state donated
 (pjit semantics). Parameters and optimizer state are created already sharded:
 their shardings come from the model's logical axis names and the rules in
 `pause_flax.parallel`. The trainer sees token ids and loss weights and nothing
-else about pauses (the optional `pause_id` only feeds a metric).
+else about pauses: the optional `pause_id` feeds a metric, and, with
+low-confidence pauses (`StepOptions.low_confidence`, DIT), is the id the data
+layer's transform inserts before the targets a scoring forward predicts worst.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pause_flax import parallel
+from pause_flax.data import low_confidence as low_confidence_lib
 from pause_flax.model import kernels
 from pause_flax.model import transformer as transformer_lib
 from pause_flax.training import adaptive as adaptive_lib
 from pause_flax.training import loss as loss_lib
+from pause_flax.training import low_confidence as scorer_lib
 
 Batch = dict[str, jax.Array]
 
@@ -40,7 +44,7 @@ class StepOptions:
   """What the step computes besides the model and optimizer."""
   accum_steps: int = 1
   z_loss: float = 0.0
-  pause_id: int | None = None        # only for the pause-input count metric
+  pause_id: int | None = None        # the pause-input count metric; DIT's pause id
   # Output projection + cross-entropy fused, `loss_chunk_len` positions at a
   # time (loss.fused_cross_entropy_sums); None materialises [B, L, V] logits.
   loss_chunk_len: int | None = 32
@@ -48,6 +52,9 @@ class StepOptions:
   # `decoder_pause_steps`) with the output class `ask_id`; None: cross-entropy.
   adaptive: adaptive_lib.AdaptivePauses | None = None
   ask_id: int | None = None
+  # Low-confidence (DIT) pauses: each (micro-)batch is scored by a copy of the
+  # parameters and gets pauses before its worst-predicted targets (needs pause_id).
+  low_confidence: low_confidence_lib.LowConfidencePauses | None = None
 
 
 class Trainer:
@@ -65,6 +72,11 @@ class Trainer:
     if options.adaptive is not None and options.ask_id is None:
       raise ValueError("StepOptions.adaptive is set without ask_id: pass the vocabulary's "
                        "ask_id (AdaptivePauseVocabulary.ask_id).")
+    if options.low_confidence is not None and options.pause_id is None:
+      raise ValueError("StepOptions.low_confidence is set but pause_id is None: low-confidence "
+                       "pauses need the id of <pause> (train on a pause vocabulary).")
+    if scorer_lib.keeps_scorer(options.low_confidence):
+      optimizer = scorer_lib.with_scorer(optimizer)
     # The backend-specific kernels, resolved once for the mesh's platform.
     model_config = kernels.resolve(model_config, kernels.platform(mesh))
     self.model_config = model_config
@@ -102,6 +114,8 @@ class Trainer:
     self.train_step = jax.jit(
         self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
         out_shardings=(self.state_shardings, replicated), donate_argnums=0)
+    self._prepare = jax.jit(self._prepare_batch,
+                            in_shardings=(self.state_shardings, self.batch_sharding))
 
   # -- state ---------------------------------------------------------------
 
@@ -149,10 +163,62 @@ class Trainer:
           batch_shards=batch_shards,
           vocab_major=kernels.loss_vocab_major(self.model_config, batch_shards)), {}
 
-  def _grads_and_sums(self, params: Any, batch: Batch):
-    """Gradient of the summed loss, accumulated over micro-batches."""
+  def _token_losses(self, params: Any, batch: Batch) -> jax.Array:
+    """float32 [B, L]: the model's cross-entropy on each target (0 at weight 0)."""
+    model = self.model(params)
+    targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
+    batch_shards = parallel.data_parallel_size(self.mesh, self.rules)
+    with parallel.activation_sharding(self.mesh, self.rules):
+      h_BxLxD = model.hidden(batch["decoder_input_tokens"],
+                             positions_BxL=batch.get("decoder_positions"),
+                             segment_ids_BxL=batch.get("decoder_segment_ids"))
+      if self.options.loss_chunk_len is None:
+        return loss_lib.token_cross_entropy(model.logits(h_BxLxD), targets, weights)
+      return loss_lib.fused_token_cross_entropy(
+          h_BxLxD, model.output_matrix_VxD(), targets, weights,
+          vocab_size=self.model_config.vocab_size, chunk_len=self.options.loss_chunk_len,
+          batch_shards=batch_shards,
+          vocab_major=kernels.loss_vocab_major(self.model_config, batch_shards))
+
+  def _with_pauses(self, scorer: Any, batch: Batch) -> Batch:
+    """The batch with low-confidence pauses, scored by `scorer` parameters."""
+    losses_BxL = jax.lax.stop_gradient(self._token_losses(scorer, batch))
+    return low_confidence_lib.apply_policy(self.options.low_confidence, batch, losses_BxL,
+                                           self.options.pause_id)
+
+  def prepare_batch(self, state: TrainState, batch: Batch) -> Batch:
+    """The batch the train step trains on (jitted; the batch itself without a policy).
+
+    With accum_steps > 1 the step transforms each micro-batch on its own; the
+    transform is row-wise, so the rows are the same.
+    """
+    if self.options.low_confidence is None:
+      return dict(batch)
+    return self._prepare(state, batch)
+
+  def _prepare_batch(self, state: TrainState, batch: Batch) -> Batch:
+    scorer = scorer_lib.scorer_params(self.options.low_confidence, state.step, state.params,
+                                      state.opt_state)
+    return self._with_pauses(scorer, batch)
+
+  def _grads_and_sums(self, params: Any, batch: Batch, scorer: Any = None):
+    """Gradient of the summed loss, accumulated over micro-batches.
+
+    The aux is (loss sums, sums of extra statistics). With `scorer`
+    (low-confidence pauses), each micro-batch is transformed first and the
+    count of pause inputs it trains on is an extra statistic ("pause_inputs").
+    """
     grad_fn = jax.grad(lambda p, b: (lambda s: (s[0].loss, s))(self._loss_sums(p, b)),
                        has_aux=True)
+    if scorer is not None:
+      plain_grad_fn = grad_fn
+
+      def grad_fn(p, b):  # pylint: disable=function-redefined
+        b = self._with_pauses(scorer, b)
+        g, (s, extra) = plain_grad_fn(p, b)
+        pauses = jnp.sum(b["decoder_input_tokens"] == self.options.pause_id)
+        return g, (s, {**extra, "pause_inputs": pauses.astype(jnp.float32)})
+
     accum = self.options.accum_steps
     if accum == 1:
       return grad_fn(params, batch)
@@ -174,12 +240,15 @@ class Trainer:
 
     zeros_g = jax.tree.map(jnp.zeros_like, params)
     zeros_s = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
-        self._loss_sums, params, jax.tree.map(lambda x: x[0], micro)))
+        lambda p, b: grad_fn(p, b)[1], params, jax.tree.map(lambda x: x[0], micro)))
     (grads, sums), _ = jax.lax.scan(body, (zeros_g, zeros_s), micro)
     return grads, sums
 
   def _train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-    grads, (sums, extra) = self._grads_and_sums(state.params, batch)
+    policy = self.options.low_confidence
+    scorer = (None if policy is None else
+              scorer_lib.scorer_params(policy, state.step, state.params, state.opt_state))
+    grads, (sums, extra) = self._grads_and_sums(state.params, batch, scorer)
     denom = jnp.maximum(sums.weight, 1e-8)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
@@ -193,6 +262,8 @@ class Trainer:
     keep = lambda new, old: jnp.where(finite, new, old)
     params = jax.tree.map(keep, params, state.params)
     opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+    if policy is not None:
+      opt_state = scorer_lib.keep_scorer(policy, opt_state, scorer)
     metrics = {
         "loss": loss,
         "cross_entropy": sums.ce / denom,
@@ -210,7 +281,9 @@ class Trainer:
       metrics["greedy_pauses"] = extra["greedy_pauses"] / denom
     if self.schedule is not None:
       metrics["learning_rate"] = jnp.asarray(self.schedule(state.step), jnp.float32)
-    if self.options.pause_id is not None:
+    if policy is not None:
+      metrics["pause_inputs"] = extra["pause_inputs"]  # in the batches trained on
+    elif self.options.pause_id is not None:
       metrics["pause_inputs"] = jnp.sum(
           batch["decoder_input_tokens"] == self.options.pause_id).astype(jnp.float32)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
