@@ -15,6 +15,10 @@ transformer is expected to reach ~100% only in the SupervisedPause arm; the
 negative control (synthetic_count, no pause_targets) runs the other arms. The
 verdict compares SupervisedPause with NoPause and Filler (paired t intervals
 over the seeds) and says plainly whether the known effect was detected.
+`arms` also takes `pause_flax.arms.Arm`s: any placement x count x token,
+low-confidence (DIT) and adaptive (Catch Your Breath) arms, compared with
+NoPause the same way, with the tokens each answer cost in the table
+(gin_configs/local/policy_arms.gin).
 Cells are cached in `cells/<task>/<arm>/seed<k>.json` as in the grid; the
 tables go to results.md / results.json and a figure per task to
 control_<task>.png (each arm's mean with its seeds as points).
@@ -31,8 +35,9 @@ from absl import logging
 import gin
 import jax
 
-from pause_flax import gin_utils
+from pause_flax import arms as arms_lib
 from pause_flax import cells as cells_lib
+from pause_flax import gin_utils
 from pause_flax import parallel
 from pause_flax import train as train_cli
 from pause_flax.evaluation import stats
@@ -41,38 +46,47 @@ from pause_flax.training import loop
 
 ARMS = ("NoPause", "SupervisedPause", "Filler", "Pause")  # run in this order
 BASELINE = "NoPause"
+# Cell metrics that measure compute, not quality (evaluator's TaskResult.compute
+# and an adaptive model's pause counts): tabulated beside the quality metric.
+COMPUTE_METRICS = ("tokens_processed_per_answer", "pauses_per_token", "pauses_per_answer")
 
 
-def arm_task(task: str, arm: str, num_pauses: int, filler_id: int,
-             pause_weight: int = 1) -> str:
-  """The registered Task an arm trains on."""
-  from pause_flax.data import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
-  if arm == "NoPause":
-    return task
-  if arm == "Pause":
-    return tasks_lib.pause_variant(task, form="finetune", num_pauses=num_pauses)
-  if arm == "SupervisedPause":
-    return tasks_lib.pause_variant(task, form="finetune", num_pauses=num_pauses,
-                                   pause_weight=pause_weight)
-  if arm == "Filler":
-    return tasks_lib.filler_variant(task, filler_id=filler_id, form="finetune",
-                                    num_pauses=num_pauses)
-  raise ValueError(f"arm={arm!r}: choose from {ARMS}.")
+def preset(name: str, pause_weight: int = 1) -> arms_lib.Arm:
+  """The four control arms by name; their count is each task's M (num_pauses)."""
+  presets = {"NoPause": arms_lib.Arm("NoPause"),
+             "Pause": arms_lib.Arm("Pause", placement="append"),
+             "SupervisedPause": arms_lib.Arm("SupervisedPause", placement="append",
+                                             pause_weight=pause_weight),
+             "Filler": arms_lib.Arm("Filler", placement="append", token="filler")}
+  if name not in presets:
+    raise ValueError(f"arm={name!r}: choose from {ARMS}, or give an Arm (pause_flax.arms).")
+  return presets[name]
 
 
-def task_arms(task: str, arms: Sequence[str]) -> list[str]:
-  """The arms a task supports: SupervisedPause only with `pause_targets`."""
+def resolve_arms(arms: Sequence[str | arms_lib.Arm], pause_weight: int = 1
+                 ) -> list[arms_lib.Arm]:
+  """Arm names (the presets) and Arm objects -> Arms, the baseline included."""
+  out = [a if isinstance(a, arms_lib.Arm) else preset(a, pause_weight) for a in arms]
+  names = [a.name for a in out]
+  if BASELINE not in names or len(set(names)) != len(names):
+    raise ValueError(f"arms={names}: give distinct names, {BASELINE} (the baseline) included.")
+  return out
+
+
+def task_arms(task: str, arms: Sequence[str | arms_lib.Arm]) -> list[str]:
+  """The names of the arms a task supports: supervised ones only with `pause_targets`."""
   import seqio  # pylint: disable=g-import-not-at-top
   from pause_flax.data import preprocessors as prep  # pylint: disable=g-import-not-at-top
   from pause_flax.data import tasks  # pylint: disable=g-import-not-at-top,unused-import  # registers
   features = seqio.get_mixture_or_task(task).output_features
-  return [a for a in arms if a != "SupervisedPause" or prep.PAUSE_TARGETS_KEY in features]
+  return [a.name for a in resolve_arms(arms)
+          if not a.supervised or prep.PAUSE_TARGETS_KEY in features]
 
 
 def run_control(control_dir: str, *, model_config: transformer_lib.TransformerConfig,
                 tasks: Sequence[str], stage: cells_lib.Stage, seeds: Sequence[int],
                 num_pauses: int | Mapping[str, int], pause_weight: int = 1,
-                arms: Sequence[str] = ARMS, filler_text: str = ".",
+                arms: Sequence[str | arms_lib.Arm] = ARMS, filler_text: str = ".",
                 eval_batch_size: int = 128, eval_examples: int | None = None,
                 confidence: float = 0.95, supervised_min: float = 90.0,
                 baseline_max: float = 65.0, keep_checkpoints: bool = False,
@@ -81,9 +95,7 @@ def run_control(control_dir: str, *, model_config: transformer_lib.TransformerCo
   from pause_flax.data import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
   from pause_flax.evaluation import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
 
-  unknown = [a for a in arms if a not in ARMS]
-  if unknown or BASELINE not in arms:
-    raise ValueError(f"arms={list(arms)}: choose from {ARMS}, {BASELINE} included.")
+  arm_list = resolve_arms(arms, pause_weight)
   if len(seeds) < 3 or len(set(seeds)) != len(seeds):
     raise ValueError(f"seeds={list(seeds)}: give at least three distinct seeds.")
   m = dict(num_pauses) if isinstance(num_pauses, Mapping) else {t: num_pauses for t in tasks}
@@ -97,43 +109,44 @@ def run_control(control_dir: str, *, model_config: transformer_lib.TransformerCo
     if len(filler_ids) != 1:
       raise ValueError(f"filler_text={filler_text!r} is not one token in {task}'s vocabulary.")
     base_lengths = dict(tasks_lib.default_task_feature_lengths(task))
-    for arm in task_arms(task, arms):
-      name = arm_task(task, arm, m[task], filler_ids[0], pause_weight)
-      ft = "StdFT" if arm == "NoPause" else "PauseFT"
-      lengths = cells_lib.finetune_lengths(base_lengths, ft, m[task])
+    supported = task_arms(task, arm_list)
+    for arm in (a.with_count(m[task]) for a in arm_list if a.name in supported):
+      p = arms_lib.plan(arm, task, filler_ids[0])
+      lengths = {k: v + p.extra_lengths.get(k, 0) for k, v in base_lengths.items()}
       evaluator = None
-      m_inf = 0 if arm == "NoPause" else m[task]
 
-      def evaluate(model_dir: str, name=name, m_inf=m_inf) -> dict:
+      def evaluate(model_dir: str, p=p, lengths=lengths) -> dict:
         nonlocal evaluator
         if evaluator is None:
           evaluator = evaluator_lib.Evaluator(
-              name, batch_size=eval_batch_size, mesh=mesh, num_examples=eval_examples,
-              feature_lengths=base_lengths)
+              p.eval_task, batch_size=eval_batch_size, mesh=mesh, num_examples=eval_examples,
+              feature_lengths=lengths if p.placed_prompts else base_lengths,
+              placed_prompts=p.placed_prompts,
+              decode=evaluator_lib.DecodeOptions(max_pauses_per_token=p.max_pauses_per_token))
         ckpt = evaluator_lib.load_checkpoint(model_dir, mesh)
-        (result,) = evaluator.evaluate(ckpt.model, m_inf).values()
-        return result.metrics
+        (result,) = evaluator.evaluate(ckpt.model, p.m_inf).values()
+        return {**result.metrics, **result.compute}
 
       for seed in seeds:
-        model_dir = os.path.join(control_dir, "runs", task, arm, f"seed{seed}")
+        model_dir = os.path.join(control_dir, "runs", task, arm.name, f"seed{seed}")
 
-        def train(seed=seed, model_dir=model_dir, name=name, lengths=lengths) -> list[dict]:
-          logging.info("Control: %s %s seed %d.", task, arm, seed)
-          return loop.train(model_dir=model_dir, mixture_or_task_name=name,
+        def train(seed=seed, model_dir=model_dir, p=p, lengths=lengths, arm=arm) -> list[dict]:
+          logging.info("Control: %s %s seed %d.", task, arm.name, seed)
+          return loop.train(model_dir=model_dir, mixture_or_task_name=p.train_task,
                             task_feature_lengths=lengths, model_config=model_config,
                             seed=seed, data_seed=seed,
                             log_every=max(1, min(100, stage.steps // 20)), mesh=mesh,
-                            **stage.train_kwargs())
+                            **p.train_kwargs, **stage.train_kwargs())
 
         cells_lib.run_cell(
-            os.path.join(control_dir, "cells", task, arm, f"seed{seed}.json"), model_dir,
+            os.path.join(control_dir, "cells", task, arm.name, f"seed{seed}.json"), model_dir,
             train=train, evaluate=evaluate, keep_checkpoints=keep_checkpoints,
-            record={"task": task, "arm": arm, "seed": seed, "train_task": name,
-                    "m_inf": m_inf, "steps": stage.steps})
+            record={"task": task, "arm": arm.name, "seed": seed, "train_task": p.train_task,
+                    "m_inf": arm.eval_pauses, "steps": stage.steps})
       # Tables so far (arms still missing seeds are listed as such).
-      write_results(control_dir, tasks, arms, seeds, m, confidence, stage.steps,
+      write_results(control_dir, tasks, arm_list, seeds, m, confidence, stage.steps,
                     supervised_min=supervised_min, baseline_max=baseline_max)
-  return write_results(control_dir, tasks, arms, seeds, m, confidence, stage.steps,
+  return write_results(control_dir, tasks, arm_list, seeds, m, confidence, stage.steps,
                        supervised_min=supervised_min, baseline_max=baseline_max)
 
 
@@ -150,7 +163,7 @@ def write_results(control_dir: str, tasks, arms, seeds, m, confidence, steps,
   return results
 
 
-def collect(control_dir: str, tasks: Sequence[str], arms: Sequence[str],
+def collect(control_dir: str, tasks: Sequence[str], arms: Sequence[str | arms_lib.Arm],
             seeds: Sequence[int], num_pauses: Mapping[str, int], confidence: float,
             *, supervised_min: float, baseline_max: float) -> dict:
   """Per task and arm: mean/std over seeds, per-seed values, paired differences, verdict."""
@@ -165,7 +178,8 @@ def collect(control_dir: str, tasks: Sequence[str], arms: Sequence[str],
       continue
     done = {a: {s: cells_lib.read_json(p) for s, p in paths[a].items()}
             for a in complete}
-    name = sorted(done[BASELINE][seeds[0]]["metrics"])[0]
+    name = sorted(k for k in done[BASELINE][seeds[0]]["metrics"]
+                  if k not in COMPUTE_METRICS)[0]
     values = {a: {s: c["metrics"][name] for s, c in by_seed.items()}
               for a, by_seed in done.items()}
     rows = {}
@@ -173,6 +187,10 @@ def collect(control_dir: str, tasks: Sequence[str], arms: Sequence[str],
       summary = stats.summarize(list(per_seed.values()))
       rows[a] = {"mean": summary.mean, "std": summary.std, "per_seed": per_seed,
                  "m_inf": done[a][seeds[0]]["m_inf"], "diffs": {}}
+      for key in COMPUTE_METRICS:  # what answering cost, averaged over the seeds
+        spent = [c["metrics"].get(key) for c in done[a].values()]
+        if all(x is not None for x in spent):
+          rows[a][key] = sum(spent) / len(spent)
       for other in (BASELINE, "Filler"):
         if other != a and other in values:
           d = stats.paired_difference(per_seed, values[other], confidence)
@@ -211,9 +229,11 @@ def results_markdown(results: dict) -> str:
                  "NOT DETECTED: the pipeline does not show the known effect at this budget.")
       lines += [f"**Positive control: {verdict}**", ""]
       lines += [f"- {k}: {'yes' if v else 'no'}" for k, v in block["checks"].items()] + [""]
+    spent = all("tokens_processed_per_answer" in r for r in block["arms"].values())
     lines += ["| arm | M_inf | mean ± std | per seed | "
-              f"Δ vs NoPause [{conf}% paired CI] | Δ vs Filler [{conf}% paired CI] |",
-              "| --- | --- | --- | --- | --- | --- |"]
+              f"Δ vs NoPause [{conf}% paired CI] | Δ vs Filler [{conf}% paired CI] |"
+              + (" tokens per answer |" if spent else ""),
+              "| --- | --- | --- | --- | --- | --- |" + (" ---: |" if spent else "")]
     for a, row in block["arms"].items():
       def fmt(other):
         d = row["diffs"].get(other)
@@ -223,7 +243,8 @@ def results_markdown(results: dict) -> str:
                 + (" **significant**" if d["significant"] else ""))
       per_seed = ", ".join(f"{row['per_seed'][s]:.1f}" for s in seeds)
       lines.append(f"| {a} | {row['m_inf']} | {row['mean']:.1f} ± {row['std']:.1f} | "
-                   f"{per_seed} | {fmt(BASELINE)} | {fmt('Filler')} |")
+                   f"{per_seed} | {fmt(BASELINE)} | {fmt('Filler')} |"
+                   + (f" {row['tokens_processed_per_answer']:.1f} |" if spent else ""))
     if block["missing"]:
       lines += ["", f"Not run yet: {', '.join(block['missing'])}."]
     lines.append("")

@@ -194,3 +194,28 @@ def test_outputs_and_sweep_files(addition, model, tmp_path):
   rows = json.loads((tmp_path / "synthetic_addition" / "sweep.json").read_text())["rows"]
   assert [r["num_pauses_inference"] for r in rows] == [0, 2]
   assert (tmp_path / "synthetic_addition" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_placed_prompts_are_the_variants_own_inputs_and_compute_is_counted(mesh, model):
+  """placed_prompts: the pauses sit where the placement put them (before '='),
+  nothing is appended, and tokens_processed_per_answer counts prompt + answer."""
+  from pause_flax.data import policies  # pylint: disable=g-import-not-at-top
+  name = tasks.pause_variant("synthetic_addition", form="finetune",
+                             placement=policies.BeforeMarker("="), count=3)
+  lengths = dict(tasks.default_task_feature_lengths("synthetic_addition"))
+  lengths["inputs"] += 3
+  placed = ev_lib.Evaluator(name, batch_size=8, mesh=mesh, num_examples=N, placed_prompts=True,
+                            feature_lengths=lengths,
+                            decode=ev_lib.DecodeOptions(max_new_tokens=8))
+  (result,) = placed.evaluate(model, 0).values()
+  for record in result.records:
+    assert record["prompt"].endswith("<pause><pause><pause>=")
+    assert record["prompt"].replace("<pause>", "") == record["inputs"]
+  prompts = [len(r["inputs"]) + 1 + 3 for r in result.records]   # BOS + prefix + 3 pauses
+  # Each answer is 1..8 tokens (EOS included, or max_new_tokens without one).
+  assert np.mean(prompts) + 1 <= result.compute["tokens_processed_per_answer"] <= (
+      np.mean(prompts) + 8)
+  with pytest.raises(ValueError, match="places the pauses; evaluate with 0"):
+    placed.evaluate(model, 2)
+  with pytest.raises(ValueError, match="needs a pause variant"):
+    ev_lib.Evaluator("synthetic_addition", batch_size=8, mesh=mesh, placed_prompts=True)

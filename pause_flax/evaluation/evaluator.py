@@ -74,6 +74,10 @@ class TaskResult:
   num_pauses: int
   metrics: dict[str, float]
   records: list[dict[str, Any]]  # one per example, for predictions.jsonl
+  # What the answers cost (generation tasks): tokens_processed_per_answer, the
+  # mean of prompt (BOS + prefix + pauses) + answer tokens (EOS included) +
+  # any pauses the model asked for, i.e. the positions it ran per example.
+  compute: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 # -- tasks ----------------------------------------------------------------------
@@ -202,8 +206,17 @@ class Evaluator:
                rules: parallel.LogicalRules = parallel.DEFAULT_RULES,
                feature_lengths: Mapping[str, int] | None = None,
                split: str = "validation", num_examples: int | None = None,
-               decode: DecodeOptions = DecodeOptions()):
+               decode: DecodeOptions = DecodeOptions(), placed_prompts: bool = False):
     name, _, self.filler_id = standard_task(mixture_or_task_name)
+    # placed_prompts: the prompt is the pause variant's own 'inputs', pauses where
+    # its placement policy put them (e.g. before a marker), not the standard
+    # prefix + M_inf appended pauses; evaluate() then appends none (M_inf = 0).
+    self.placed_prompts = placed_prompts
+    if placed_prompts:
+      if name == mixture_or_task_name:
+        raise ValueError(f"placed_prompts=True needs a pause variant (tasks.pause_variant); "
+                         f"{mixture_or_task_name!r} is a standard Task.")
+      name = mixture_or_task_name
     dp = parallel.data_parallel_size(mesh, rules)
     if batch_size < 1 or batch_size % dp or batch_size % jax.process_count():
       raise ValueError(f"Eval BATCH_SIZE={batch_size} must be a positive multiple of the "
@@ -242,6 +255,9 @@ class Evaluator:
     """Metrics and per-example records of every Task at M_inf = num_pauses."""
     if isinstance(num_pauses, bool) or not isinstance(num_pauses, int) or num_pauses < 0:
       raise ValueError(f"NUM_PAUSES_INFERENCE={num_pauses!r} must be an integer >= 0.")
+    if self.placed_prompts and num_pauses:
+      raise ValueError(f"NUM_PAUSES_INFERENCE={num_pauses}: with placed_prompts the variant "
+                       f"{self.name!r} places the pauses; evaluate with 0.")
     return {name: self._evaluate_task(name, model, num_pauses, step) for name in self._tasks}
 
   # -- one task ---------------------------------------------------------------
@@ -249,6 +265,8 @@ class Evaluator:
   def _pause_ids(self, vocab: seqio.Vocabulary, model: transformer_lib.Transformer,
                  num_pauses: int) -> tuple[int, tuple[int, ...]]:
     """(the id appended to prompts, the ids decoding must never emit)."""
+    if isinstance(vocab, PauseVocabulary):  # a placed-prompt variant's own vocabulary
+      vocab = vocab.base
     pause_id = PauseVocabulary(vocab).pause_id
     has_pause = model.config.vocab_size > pause_id
     banned = (pause_id,) if has_pause else ()
@@ -275,6 +293,7 @@ class Evaluator:
           "DecodeOptions.max_pauses_per_token (evaluate.decode), its per-token pause budget.")
     prompts: dict[int, list[int]] = {}
     pauses: dict[int, list[int]] = {}  # adaptive models: pauses before each answer token
+    answered: dict[int, int] = {}      # positions each answer ran (tokens and their pauses)
 
     def examples(ds: tf.data.Dataset) -> tuple[list[int], list[list[int]], list[np.ndarray]]:
       indices, rows, targets = [], [], []
@@ -319,6 +338,8 @@ class Evaluator:
                       rules=self.rules)
         if ask_id is None:
           tokens_BxT = _to_host(decoding.generate(model, tokens, **kwargs))
+          for r in range(min(self.batch_size, len(rows) - start)):
+            answered[indices[start + r]] = _answer_length(tokens_BxT[r], vocab.eos_id)
         else:
           result = adaptive_decoding.generate_adaptive(
               model, tokens, pause_id=pause_id, ask_id=ask_id, max_pauses_per_token=budget,
@@ -327,6 +348,7 @@ class Evaluator:
           for r in range(min(self.batch_size, len(rows) - start)):
             n = _answer_length(tokens_BxT[r], vocab.eos_id)
             pauses[indices[start + r]] = pauses_BxT[r, :n].tolist()
+            answered[indices[start + r]] = n + sum(pauses[indices[start + r]])
         out += [(indices[start + r], tokens_BxT[r].tolist())
                 for r in range(min(self.batch_size, len(rows) - start))]
       return out
@@ -360,8 +382,12 @@ class Evaluator:
     records = self._records(task, evaluator, outputs[name], prompts, vocab, pause_id)
     for record in records if pauses else []:
       record["pauses_per_token"] = pauses[record["index"]]
+    compute = {}
+    if answered:
+      compute["tokens_processed_per_answer"] = float(
+          np.mean([len(prompts[i]) + n for i, n in answered.items()]))
     logging.info("%s M_inf=%d: %s", name, num_pauses, metrics)
-    return TaskResult(name, num_pauses, metrics, records)
+    return TaskResult(name, num_pauses, metrics, records, compute)
 
   def _records(self, task: seqio.Task, evaluator: seqio.Evaluator, outputs: Mapping,
                prompts: Mapping[int, list[int]], vocab: seqio.Vocabulary,
@@ -407,6 +433,8 @@ class Evaluator:
 
 def _ask_id(vocab: seqio.Vocabulary, model: transformer_lib.Transformer) -> int | None:
   """The ask-for-a-pause id of an adaptive-pause model (one row past the pause), else None."""
+  if isinstance(vocab, PauseVocabulary):
+    vocab = vocab.base
   ask_id = PauseVocabulary(vocab).pause_id + 1
   return ask_id if model.config.vocab_size > ask_id else None
 
@@ -454,7 +482,7 @@ def write_result(output_dir: str, result: TaskResult, *, step: int | None,
   tf.io.gfile.makedirs(path)
   summary = {"task": result.task, "num_pauses_inference": result.num_pauses, "step": step,
              "checkpoint": checkpoint, "num_examples": len(result.records),
-             "metrics": result.metrics}
+             "metrics": result.metrics, "compute": result.compute}
   with tf.io.gfile.GFile(os.path.join(path, "metrics.json"), "w") as f:
     f.write(json.dumps(summary, indent=2) + "\n")
   with tf.io.gfile.GFile(os.path.join(path, "predictions.jsonl"), "w") as f:
