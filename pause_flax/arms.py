@@ -57,6 +57,8 @@ class Arm:
     adaptive: Catch Your Breath's training (`AdaptivePauses`); no placement then.
     m_inf: the pauses at evaluation; default: the count when it is fixed, a
       curriculum's end, a range's upper end; 0 without pauses.
+    pretrain: in the grid, the pretrained model the arm finetunes ('StdPT' or
+      'PausePT'); the controls train from scratch and ignore it.
   """
   name: str
   placement: Any = None
@@ -66,6 +68,7 @@ class Arm:
   low_confidence: low_confidence_lib.LowConfidencePauses | None = None
   adaptive: adaptive_lib.AdaptivePauses | None = None
   m_inf: int | None = None
+  pretrain: str = "StdPT"
 
   def __post_init__(self):
     if not isinstance(self.name, str) or not self.name or "/" in self.name:

@@ -16,6 +16,12 @@ from typing import Any
 import gin
 
 
+# Cell metrics that measure compute, not quality (the evaluator's
+# TaskResult.compute and an adaptive model's pause counts): tabulated beside the
+# quality metric, never chosen as it.
+COMPUTE_METRICS = ("tokens_processed_per_answer", "pauses_per_token", "pauses_per_answer")
+
+
 @gin.register(module=None)  # gin files of the grid and the controls bind `Stage`
 @dataclasses.dataclass(frozen=True)
 class Stage:

@@ -46,9 +46,7 @@ from pause_flax.training import loop
 
 ARMS = ("NoPause", "SupervisedPause", "Filler", "Pause")  # run in this order
 BASELINE = "NoPause"
-# Cell metrics that measure compute, not quality (evaluator's TaskResult.compute
-# and an adaptive model's pause counts): tabulated beside the quality metric.
-COMPUTE_METRICS = ("tokens_processed_per_answer", "pauses_per_token", "pauses_per_answer")
+COMPUTE_METRICS = cells_lib.COMPUTE_METRICS
 
 
 def preset(name: str, pause_weight: int = 1) -> arms_lib.Arm:

@@ -37,6 +37,7 @@ from absl import logging
 import gin
 import jax
 
+from pause_flax import arms as arms_lib
 from pause_flax import cells as cells_lib
 from pause_flax import gin_utils
 from pause_flax import parallel
@@ -76,11 +77,15 @@ def run_grid(grid_dir: str, *, model_config: transformer_lib.TransformerConfig,
              eval_examples: int | None = None,
              metric: str | Mapping[str, str] | None = None,
              confidence: float = 0.95, keep_checkpoints: bool = False,
+             arms: Sequence[arms_lib.Arm] = (),
              mesh: jax.sharding.Mesh | None = None) -> dict:
   """Runs (or completes) the grid and writes its results; returns the results dict.
 
   Every pretraining seed p (model init and data order of both pretrainings)
   is finetuned with every finetuning seed s; a cell is one (p, s) pair.
+  `arms` (pause_flax.arms.Arm) add finetuning rows beyond the paper's, named
+  '<pretraining>_<arm name>' (StdPT unless the arm says PausePT), each
+  evaluated as it was trained, at its own M.
   """
   from pause_flax.data import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
   from pause_flax.evaluation import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
@@ -91,6 +96,12 @@ def run_grid(grid_dir: str, *, model_config: transformer_lib.TransformerConfig,
     raise ValueError(f"variants={list(variants)}: choose from {VARIANTS}, the baseline "
                      f"{BASELINE} included.")
   _check_seeds(seeds, pretrain_seeds)
+  variants, arms = list(variants), list(arms)
+  for arm in arms:
+    if "_" in arm.name or row_name(arm) in variants or arm.pretrain not in ("StdPT", "PausePT"):
+      raise ValueError(f"Arm {arm.name!r} (pretrain={arm.pretrain!r}): a grid arm's name has "
+                       "no '_' and is not one of the paper's rows; pretrain is 'StdPT' or "
+                       "'PausePT'.")
   m_ft = (dict(num_pauses) if isinstance(num_pauses, Mapping)
           else {t: num_pauses for t in tasks})
   for task in tasks:
@@ -108,7 +119,7 @@ def run_grid(grid_dir: str, *, model_config: transformer_lib.TransformerConfig,
   # 1. pretraining: each kind on each pretraining seed -------------------------------
   pretrained = {}
   for kind, fraction in (("StdPT", 0.0), ("PausePT", pause_fraction)):
-    if not any(_variant_spec(v)[0] == kind for v in variants):
+    if not any(_variant_spec(v)[0] == kind for v in variants + [row_name(a) for a in arms]):
       continue
     for p in pretrain_seeds:
       model_dir = pretrain_dir(grid_dir, kind, p)
@@ -134,36 +145,60 @@ def run_grid(grid_dir: str, *, model_config: transformer_lib.TransformerConfig,
                        "vocabulary; choose a single-token filler.")
     base_lengths = dict(finetune.feature_lengths or
                         tasks_lib.default_task_feature_lengths(task))
-    for variant in variants:
+    for variant in variants + [row_name(a) for a in arms]:
       pt, ft = _variant_spec(variant)
-      ft_task = _finetune_task(task, ft, m_ft[task], filler_ids[0])
-      key = task if ft != "FillerFT" else ft_task
+      arm = next((a for a in arms if row_name(a) == variant), None)
+      if arm is None:   # one of the paper's rows: evaluated over the whole M_inf sweep
+        ft_task = _finetune_task(task, ft, m_ft[task], filler_ids[0])
+        lengths = cells_lib.finetune_lengths(base_lengths, ft, m_ft[task])
+        train_kwargs = {}
+        key = task if ft != "FillerFT" else ft_task
 
-      def evaluate(model_dir: str, key=key) -> dict:
-        if key not in evaluators:
-          evaluators[key] = evaluator_lib.Evaluator(
-              key, batch_size=eval_batch_size, mesh=mesh, num_examples=eval_examples,
-              feature_lengths=base_lengths)
-        ckpt = evaluator_lib.load_checkpoint(model_dir, mesh)
-        by_m = {}
-        for m in m_inf_sweep:
-          (result,) = evaluators[key].evaluate(ckpt.model, m).values()
-          by_m[str(m)] = result.metrics
-        return by_m
+        def evaluate(model_dir: str, key=key) -> dict:
+          if key not in evaluators:
+            evaluators[key] = evaluator_lib.Evaluator(
+                key, batch_size=eval_batch_size, mesh=mesh, num_examples=eval_examples,
+                feature_lengths=base_lengths)
+          ckpt = evaluator_lib.load_checkpoint(model_dir, mesh)
+          by_m = {}
+          for m in m_inf_sweep:
+            (result,) = evaluators[key].evaluate(ckpt.model, m).values()
+            by_m[str(m)] = {**result.metrics, **result.compute}
+          return by_m
+      else:   # an Arm: evaluated as it was trained (pause_flax.arms), at its own M
+        p_arm = arms_lib.plan(arm.with_count(m_ft[task]), task, filler_ids[0])
+        ft_task, train_kwargs = p_arm.train_task, p_arm.train_kwargs
+        lengths = {k: v + p_arm.extra_lengths.get(k, 0) for k, v in base_lengths.items()}
+
+        def evaluate(model_dir: str, p_arm=p_arm, lengths=lengths, arm=arm) -> dict:
+          key = ("arm", p_arm.eval_task, p_arm.placed_prompts, p_arm.max_pauses_per_token)
+          if key not in evaluators:
+            evaluators[key] = evaluator_lib.Evaluator(
+                p_arm.eval_task, batch_size=eval_batch_size, mesh=mesh,
+                num_examples=eval_examples,
+                feature_lengths=lengths if p_arm.placed_prompts else base_lengths,
+                placed_prompts=p_arm.placed_prompts,
+                decode=evaluator_lib.DecodeOptions(
+                    max_pauses_per_token=p_arm.max_pauses_per_token))
+          ckpt = evaluator_lib.load_checkpoint(model_dir, mesh)
+          (result,) = evaluators[key].evaluate(ckpt.model, p_arm.m_inf).values()
+          return {str(arm.with_count(m_ft[task]).eval_pauses):
+                  {**result.metrics, **result.compute}}
 
       for p in pretrain_seeds:
         for seed in seeds:
           model_dir = os.path.join(grid_dir, "finetune", task, variant, pair_name(p, seed))
 
-          def train(p=p, seed=seed, model_dir=model_dir) -> list[dict]:
+          def train(p=p, seed=seed, model_dir=model_dir, ft_task=ft_task, lengths=lengths,
+                    train_kwargs=train_kwargs, pt=pt) -> list[dict]:
             logging.info("Grid: %s %s pretraining seed %d, finetuning seed %d.",
                          task, variant, p, seed)
             return loop.train(
                 model_dir=model_dir, mixture_or_task_name=ft_task,
-                task_feature_lengths=cells_lib.finetune_lengths(base_lengths, ft, m_ft[task]),
+                task_feature_lengths=lengths,
                 model_config=model_config, seed=seed, data_seed=seed,
                 log_every=max(1, min(100, finetune.steps // 20)), mesh=mesh,
-                init_from=pretrained[pt, p], **finetune.train_kwargs())
+                init_from=pretrained[pt, p], **train_kwargs, **finetune.train_kwargs())
 
           cells_lib.run_cell(
               cell_path(grid_dir, task, variant, p, seed), model_dir, train=train,
@@ -172,12 +207,17 @@ def run_grid(grid_dir: str, *, model_config: transformer_lib.TransformerConfig,
                       "finetune_task": ft_task})
 
   results = collect(grid_dir, tasks, variants, seeds, m_ft, m_inf_sweep, metric, confidence,
-                    pretrain_seeds=pretrain_seeds)
+                    pretrain_seeds=pretrain_seeds, arms=arms)
   cells_lib.write_json(os.path.join(grid_dir, "results.json"), results)
   with open(os.path.join(grid_dir, "results.md"), "w", encoding="utf-8") as f:
     f.write(results_markdown(results))
   grid_plots.write(grid_dir, results)
   return results
+
+
+def row_name(arm: arms_lib.Arm) -> str:
+  """A grid arm's row: '<pretraining>_<arm name>', e.g. 'StdPT_BeforeAnswer'."""
+  return f"{arm.pretrain}_{arm.name}"
 
 
 def _check_seeds(seeds: Sequence[int], pretrain_seeds: Sequence[int]) -> None:
@@ -220,7 +260,8 @@ def own_m_inf(variant: str, num_pauses: int) -> int:
 def collect(grid_dir: str, tasks: Sequence[str], variants: Sequence[str],
             seeds: Sequence[int], m_ft: Mapping[str, int], m_inf_sweep: Sequence[int],
             metric: str | Mapping[str, str] | None, confidence: float,
-            pretrain_seeds: Sequence[int] = (0,)) -> dict:
+            pretrain_seeds: Sequence[int] = (0,),
+            arms: Sequence[arms_lib.Arm] = ()) -> dict:
   """Per task: each variant's mean/std over (pretraining, finetuning) seed pairs
   and its paired difference from the baseline.
 
@@ -228,7 +269,8 @@ def collect(grid_dir: str, tasks: Sequence[str], variants: Sequence[str],
   (`stats.clustered_difference`: finetuning seeds averaged within each);
   with one it is over the finetuning seeds of that one pretraining.
   `metric` names the metric to tabulate, for all tasks or per task (default:
-  the alphabetically first one the task reports).
+  the alphabetically first quality metric the task reports). Arm rows are
+  evaluated at their own M only; their sweep holds that M alone.
   """
   pairs = [(p, s) for p in pretrain_seeds for s in seeds]
   clustered = len(pretrain_seeds) > 1
@@ -237,11 +279,13 @@ def collect(grid_dir: str, tasks: Sequence[str], variants: Sequence[str],
          "m_inf_sweep": list(m_inf_sweep), "confidence": confidence, "tasks": {}}
   for task in tasks:
     num_pauses = m_ft[task]
+    own_m = {v: own_m_inf(v, num_pauses) for v in variants}
+    own_m.update({row_name(a): a.with_count(num_pauses).eval_pauses for a in arms})
     cells = {v: {ps: cells_lib.read_json(cell_path(grid_dir, task, v, *ps)) for ps in pairs}
-             for v in variants}
+             for v in own_m}
     first = next(iter(cells[BASELINE].values()))["metrics"]["0"]
     name = metric.get(task) if isinstance(metric, Mapping) else metric
-    name = name or sorted(first)[0]
+    name = name or sorted(k for k in first if k not in cells_lib.COMPUTE_METRICS)[0]
     if name not in first:
       raise ValueError(f"metric={name!r} is not among {sorted(first)} for {task}.")
 
@@ -250,13 +294,18 @@ def collect(grid_dir: str, tasks: Sequence[str], variants: Sequence[str],
 
     base = values(BASELINE, 0)
     rows = {}
-    for v in variants:
-      own = values(v, own_m_inf(v, num_pauses))
+    for v, m_own in own_m.items():
+      own = values(v, m_own)
       summary = stats.summarize(list(own.values()))
-      row = {"m_inf": own_m_inf(v, num_pauses), "mean": summary.mean, "std": summary.std,
+      evaluated = [m for m in m_inf_sweep if str(m) in cells[v][pairs[0]]["metrics"]]
+      row = {"m_inf": m_own, "mean": summary.mean, "std": summary.std,
              "per_seed": {pair_name(*ps): x for ps, x in own.items()},
              "sweep": {str(m): dataclasses.asdict(stats.summarize(list(values(v, m).values())))
-                       for m in m_inf_sweep}}
+                       for m in evaluated}}
+      spent = [cells[v][ps]["metrics"][str(m_own)].get("tokens_processed_per_answer")
+               for ps in pairs]
+      if all(x is not None for x in spent):
+        row["tokens_processed_per_answer"] = sum(spent) / len(spent)
       rates = [cells[v][ps].get("trained_tokens_per_sec") for ps in pairs]
       if all(r is not None for r in rates):  # cells written before the rate was logged lack it
         row["trained_tokens_per_sec"] = sum(rates) / len(rates)
@@ -285,25 +334,29 @@ def results_markdown(results: dict) -> str:
            f"finetuning) seed pairs. {span}", ""]
   for task, block in results["tasks"].items():
     rate = all("trained_tokens_per_sec" in row for row in block["variants"].values())
+    spent = all("tokens_processed_per_answer" in row for row in block["variants"].values())
     lines += [f"## {task} ({block['metric']}, M_ft = {block['num_pauses']})", "",
               f"| variant | M_inf | mean ± std | Δ vs {BASELINE} [{conf}% paired CI] |"
+              + (" tokens per answer |" if spent else "")
               + (" finetuning trained tok/s |" if rate else ""),
-              "| --- | --- | --- | --- |" + (" ---: |" if rate else "")]
+              "| --- | --- | --- | --- |" + (" ---: |" if spent else "")
+              + (" ---: |" if rate else "")]
     for v, row in block["variants"].items():
       diff = row.get("diff")
       cell = "—" if diff is None else (
           f"{diff['mean']:+.2f} [{diff['low']:+.2f}, {diff['high']:+.2f}]"
           + (" **significant**" if diff["significant"] else ""))
       lines.append(f"| {v} | {row['m_inf']} | {row['mean']:.2f} ± {row['std']:.2f} | {cell} |"
+                   + (f" {row['tokens_processed_per_answer']:.1f} |" if spent else "")
                    + (f" {row['trained_tokens_per_sec']:,.0f} |" if rate else ""))
     sweep = results["m_inf_sweep"]
-    lines += ["", "M_inf sweep (mean ± std over seed pairs):", "",
+    lines += ["", "M_inf sweep (mean ± std over seed pairs; arms only at their own M):", "",
               "| variant | " + " | ".join(f"M_inf={m}" for m in sweep) + " |",
               "| --- |" + " --- |" * len(sweep)]
     for v, row in block["variants"].items():
       lines.append(f"| {v} | " + " | ".join(
           f"{row['sweep'][str(m)]['mean']:.2f} ± {row['sweep'][str(m)]['std']:.2f}"
-          for m in sweep) + " |")
+          if str(m) in row["sweep"] else "—" for m in sweep) + " |")
     lines.append("")
   return "\n".join(lines)
 

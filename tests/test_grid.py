@@ -15,11 +15,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK = "synthetic_digit_sum"
 
 
-def write_cell(root, variant, seed, by_m, pretrain_seed=0, **extra):
+def write_cell(root, variant, seed, by_m, pretrain_seed=0, nested=False, **extra):
   path = grid.cell_path(str(root), TASK, variant, pretrain_seed, seed)
   os.makedirs(os.path.dirname(path), exist_ok=True)
+  metrics = {str(m): v if nested else {"exact_match": v} for m, v in by_m.items()}
   with open(path, "w") as f:
-    json.dump({"metrics": {str(m): {"exact_match": v} for m, v in by_m.items()}, **extra}, f)
+    json.dump({"metrics": metrics, **extra}, f)
 
 
 def test_table_reports_spread_and_paired_intervals(tmp_path):
@@ -90,6 +91,32 @@ def test_pretraining_seeds_are_clusters_of_the_interval(tmp_path):
   assert "pretraining variance is not covered" in grid.results_markdown(one)
 
 
+def test_arm_rows_are_compared_at_their_own_M_with_the_compute_they_spent(tmp_path):
+  from pause_flax import arms  # pylint: disable=g-import-not-at-top
+  before = arms.Arm("BeforeAnswer", placement="before_marker")   # count: the grid's M_ft
+  for s in (0, 1, 2):
+    write_cell(tmp_path, "StdPT_StdFT", s,
+               {0: {"exact_match": 50.0 + s, "tokens_processed_per_answer": 12.0},
+                4: {"exact_match": 1.0}}, nested=True)
+    write_cell(tmp_path, "StdPT_BeforeAnswer", s,
+               {4: {"exact_match": 53.0 + s, "tokens_processed_per_answer": 16.0}}, nested=True)
+  results = grid.collect(str(tmp_path), [TASK], ["StdPT_StdFT"], [0, 1, 2], {TASK: 4}, [0, 4],
+                         None, 0.95, arms=[before])
+  rows = results["tasks"][TASK]["variants"]
+  assert results["tasks"][TASK]["metric"] == "exact_match"   # never a compute metric
+  arm = rows["StdPT_BeforeAnswer"]
+  assert arm["m_inf"] == 4 and arm["diff"]["mean"] == pytest.approx(3.0)
+  assert arm["tokens_processed_per_answer"] == 16.0 and list(arm["sweep"]) == ["4"]
+  table = grid.results_markdown(results)
+  assert "| StdPT_BeforeAnswer | 4 | 54.00 ± 1.00 | +3.00 [+3.00, +3.00]" in table
+  assert "tokens per answer |" in table and "| StdPT_BeforeAnswer | — | 54.00 ± 1.00 |" in table
+  with pytest.raises(ValueError, match="no '_'"):
+    grid.run_grid("/nonexistent", model_config=grid.transformer_lib.model_config("tiny"),
+                  pretrain_task="synthetic_lm", pretrain=grid.Stage(1, 8, 1e-3), tasks=[TASK],
+                  finetune=grid.Stage(1, 8, 1e-3), num_pauses=4, m_inf_sweep=[0, 4],
+                  seeds=[0, 1], arms=[arms.Arm("Before_Answer")])
+
+
 def test_a_grid_dir_from_before_pretraining_seeds_is_refused_untouched(tmp_path):
   old = tmp_path / "pretrain" / "PausePT"
   old.mkdir(parents=True)
@@ -130,6 +157,10 @@ def cli(grid_dir):
          "--gin.pretrain/Stage.feature_lengths={'targets': 64}",
          "--gin.finetune/Stage.steps=6", "--gin.finetune/Stage.warmup_steps=1",
          "--gin.finetune/Stage.batch_size=8",
+         # One arm beyond the paper's rows: DIT's low-confidence pauses, from StdPT.
+         "--gin.run_grid.arms=[@dit/Arm()]", "--gin.dit/Arm.name='LowConfidence'",
+         "--gin.dit/Arm.low_confidence=@LowConfidencePauses()",
+         "--gin.LowConfidencePauses.num_pauses=1",
          "--gin.run_control.tasks=[]"]  # the controls have their own tests (test_control.py)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
              JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
@@ -149,7 +180,7 @@ def test_grid_runs_resumes_after_a_kill_and_reproduces_exactly(tmp_path):
   result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True,
                           timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert len(cells(full)) == 6
+  assert len(cells(full)) == 8
   for name in ("results.md", "results.json", "loss_curves.png", f"m_inf_{TASK}.png"):
     assert os.path.getsize(os.path.join(full, name)) > 0, name
   table = open(os.path.join(full, "results.md")).read()
@@ -157,7 +188,7 @@ def test_grid_runs_resumes_after_a_kill_and_reproduces_exactly(tmp_path):
   for kind in ("StdPT", "PausePT"):   # each kind pretrained once per pretraining seed
     for p in (0, 1):
       assert os.path.exists(os.path.join(full, "pretrain", kind, f"seed{p}", "done.json"))
-  for variant in ("StdPT_StdFT", "PausePT_PauseFT", "StdPT_FillerFT"):
+  for variant in ("StdPT_StdFT", "PausePT_PauseFT", "StdPT_FillerFT", "StdPT_LowConfidence"):
     assert f"| {variant} |" in table
 
   cmd, env = cli(killed)
@@ -169,12 +200,12 @@ def test_grid_runs_resumes_after_a_kill_and_reproduces_exactly(tmp_path):
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   done_before = len(cells(killed))
-  assert 2 <= done_before < 6
+  assert 2 <= done_before < 8
   result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True,
                           timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   trained = result.stderr.count(f"Grid: {TASK} ")
-  assert trained == 6 - done_before, (trained, done_before)
+  assert trained == 8 - done_before, (trained, done_before)
   with open(os.path.join(full, "results.json")) as a, \
        open(os.path.join(killed, "results.json")) as b:
     assert without_timings(json.load(a)) == without_timings(json.load(b))

@@ -59,9 +59,10 @@ def write(grid_dir: str, results: dict) -> list[str]:
   for task, block in results["tasks"].items():
     fig, ax = plt.subplots(figsize=(6, 4))
     for variant, row in block["variants"].items():
-      mean = [row["sweep"][str(m)]["mean"] for m in sweep]
-      std = [row["sweep"][str(m)]["std"] for m in sweep]
-      ax.errorbar(sweep, mean, yerr=std, marker="o", capsize=3, label=variant)
+      ms = [m for m in sweep if str(m) in row["sweep"]]   # arms: their own M only
+      mean = [row["sweep"][str(m)]["mean"] for m in ms]
+      std = [row["sweep"][str(m)]["std"] for m in ms]
+      ax.errorbar(ms, mean, yerr=std, marker="o", capsize=3, label=variant)
     ax.set(title=f"{task}: {block['metric']} against M_inf (M_ft = {block['num_pauses']})",
            xlabel="M_inf (pauses, or fillers for the filler control, at inference)",
            ylabel=block["metric"])
