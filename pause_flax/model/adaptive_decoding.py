@@ -35,7 +35,7 @@ from jax.sharding import Mesh
 
 from pause_flax import parallel
 from pause_flax.model import decoding
-from pause_flax.model.transformer import Transformer, init_cache
+from pause_flax.model.transformer import Transformer
 
 
 class AdaptiveOutput(NamedTuple):
@@ -78,30 +78,9 @@ def _generate(graphdef: nnx.GraphDef, state: nnx.State, prompt_BxP: jax.Array,
         prompt_BxP, lengths_B, o.pad_id)
     tokens_BxP = parallel.constrain(tokens_BxP, ('batch', 'length'))
     b, p = tokens_BxP.shape
-    positions_BxN = jnp.concatenate(
-        [positions_BxP, lengths_B[:, None] + jnp.arange(s, dtype=jnp.int32)[None]], axis=1)
-    segments_BxN = jnp.concatenate([segments_BxP, jnp.ones((b, s), jnp.int32)], axis=1)
-    if o.use_cache:
-      cache = init_cache(model.config, b, p + s)
-      logits_BxPxV, feed_state = model(tokens_BxP, positions_BxL=positions_BxP,
-                                       segment_ids_BxL=segments_BxP, cache=cache)
-    else:  # Reference path: a full forward over a fixed [B, P + S] buffer per step.
-      feed_state = jnp.concatenate([tokens_BxP, jnp.zeros((b, s), jnp.int32)], axis=1)
-      logits_BxPxV = model(tokens_BxP, positions_BxL=positions_BxP,
-                           segment_ids_BxL=segments_BxP)
-    logits_BxV = logits_BxPxV[:, -1]
-
-    def feed(params, feed_state, token_B, j):
-      """Feeds token_B at step j; returns the next logits and the new state."""
-      m = nnx.merge(graphdef, params)
-      if o.use_cache:
-        positions_Bx1 = jax.lax.dynamic_slice_in_dim(positions_BxN, p + j, 1, axis=1)
-        logits_Bx1xV, cache = m(token_B[:, None], positions_BxL=positions_Bx1,
-                                segment_ids_BxL=jnp.ones((b, 1), jnp.int32), cache=feed_state)
-        return logits_Bx1xV[:, 0], cache
-      buffer_BxN = jax.lax.dynamic_update_slice(feed_state, token_B[:, None], (0, p + j))
-      logits_BxNxV = m(buffer_BxN, positions_BxL=positions_BxN, segment_ids_BxL=segments_BxN)
-      return jax.lax.dynamic_slice_in_dim(logits_BxNxV, p + j, 1, axis=1)[:, 0], buffer_BxN
+    logits_BxV, feed_state, feed = decoding.prefill(graphdef, model, tokens_BxP, positions_BxP,
+                                                    segments_BxP, lengths_B, s, o.use_cache,
+                                                    whole_model=True)
 
     def cond(carry):
       j, done_B = carry[0], carry[6]

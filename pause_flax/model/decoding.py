@@ -99,6 +99,56 @@ def _next_token(logits_BxV: jax.Array, rng: jax.Array, temperature: float,
   return jax.random.categorical(rng, logits_BxV, axis=-1).astype(jnp.int32)
 
 
+def prefill(graphdef: nnx.GraphDef, model: Transformer, tokens_BxP: jax.Array,
+            positions_BxP: jax.Array, segments_BxP: jax.Array, lengths_B: jax.Array,
+            new: int, use_cache: bool, whole_model: bool = False):
+  """Runs left-aligned prompts; returns (last logits [B, V], feed state, feed).
+
+  `feed(params, state, token_B, i)` feeds token_B as the i-th position after
+  the prompt (i < new) and returns the next logits and the new state: with the
+  KV cache (sized for P + new) one position at a time, else, as the reference
+  path, a full forward over a fixed [B, P + new] buffer. `generate` and
+  `adaptive_decoding.generate_adaptive` decode through it. By default only the
+  positions read are projected to logits (`model.hidden`, `model.logits`);
+  `whole_model` calls the model itself instead, for wrappers that change its
+  logits.
+  """
+  b, p = tokens_BxP.shape
+  positions_BxN = jnp.concatenate(
+      [positions_BxP, lengths_B[:, None] + jnp.arange(new, dtype=jnp.int32)[None]], axis=1)
+  segments_BxN = jnp.concatenate([segments_BxP, jnp.ones((b, new), jnp.int32)], axis=1)
+
+  def last_logits(m, tokens_BxL, positions_BxL, segments_BxL, at, cache=None):
+    """Logits at position `at` (None: the last), and the cache when given one."""
+    kw = dict(positions_BxL=positions_BxL, segment_ids_BxL=segments_BxL)
+    if cache is not None:
+      kw["cache"] = cache
+    out = m(tokens_BxL, **kw) if whole_model else m.hidden(tokens_BxL, **kw)
+    x, cache = out if cache is not None else (out, None)
+    x = x[:, -1:] if at is None else jax.lax.dynamic_slice_in_dim(x, at, 1, axis=1)
+    logits_BxV = (x if whole_model else m.logits(x))[:, 0]
+    return logits_BxV, cache
+
+  if use_cache:
+    logits_BxV, feed_state = last_logits(model, tokens_BxP, positions_BxP, segments_BxP, None,
+                                         init_cache(model.config, b, p + new))
+  else:
+    feed_state = jnp.concatenate([tokens_BxP, jnp.zeros((b, new), jnp.int32)], axis=1)
+    logits_BxV, _ = last_logits(model, tokens_BxP, positions_BxP, segments_BxP, None)
+
+  def feed(params, feed_state, token_B, i):
+    m = nnx.merge(graphdef, params)
+    if use_cache:
+      positions_Bx1 = jax.lax.dynamic_slice_in_dim(positions_BxN, p + i, 1, axis=1)
+      return last_logits(m, token_B[:, None], positions_Bx1, jnp.ones((b, 1), jnp.int32), None,
+                         feed_state)
+    buffer_BxN = jax.lax.dynamic_update_slice(feed_state, token_B[:, None], (0, p + i))
+    logits_BxV, _ = last_logits(m, buffer_BxN, positions_BxN, segments_BxN, p + i)
+    return logits_BxV, buffer_BxN
+
+  return logits_BxV, feed_state, feed
+
+
 @functools.partial(jax.jit, static_argnames=('graphdef', 'options'))
 def _generate(graphdef: nnx.GraphDef, state: nnx.State, prompt_BxP: jax.Array,
               lengths_B: jax.Array, rng: jax.Array, *, options: _Options):
@@ -110,32 +160,8 @@ def _generate(graphdef: nnx.GraphDef, state: nnx.State, prompt_BxP: jax.Array,
     tokens_BxP = parallel.constrain(tokens_BxP, ('batch', 'length'))
     b, p = tokens_BxP.shape
 
-    if o.use_cache:
-      cache = init_cache(model.config, b, p + t)
-      h_BxPxD, cache = model.hidden(tokens_BxP, positions_BxL=positions_BxP,
-                                    segment_ids_BxL=segments_BxP, cache=cache)
-      feed_state = cache
-    else:  # Reference path: a full forward over a fixed [B, P + T] buffer per step.
-      feed_state = jnp.concatenate([tokens_BxP, jnp.zeros((b, t), jnp.int32)], axis=1)
-      h_BxPxD = model.hidden(tokens_BxP, positions_BxL=positions_BxP,
-                             segment_ids_BxL=segments_BxP)
-    logits_BxV = model.logits(h_BxPxD[:, -1:])[:, 0]
-    positions_BxN = jnp.concatenate(
-        [positions_BxP, lengths_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None]], axis=1)
-    segments_BxN = jnp.concatenate([segments_BxP, jnp.ones((b, t), jnp.int32)], axis=1)
-
-    def feed(params, feed_state, token_B, i):
-      """Appends token_B at step i; returns the next-token logits and new state."""
-      m = nnx.merge(graphdef, params)
-      if o.use_cache:
-        positions_Bx1 = jax.lax.dynamic_slice_in_dim(positions_BxN, p + i, 1, axis=1)
-        logits_Bx1xV, cache = m(token_B[:, None], positions_BxL=positions_Bx1,
-                                segment_ids_BxL=jnp.ones((b, 1), jnp.int32), cache=feed_state)
-        return logits_Bx1xV[:, 0], cache
-      buffer_BxN = jax.lax.dynamic_update_slice(feed_state, token_B[:, None], (0, p + i))
-      h_BxNxD = m.hidden(buffer_BxN, positions_BxL=positions_BxN, segment_ids_BxL=segments_BxN)
-      logits_Bx1xV = m.logits(jax.lax.dynamic_slice_in_dim(h_BxNxD, p + i, 1, axis=1))
-      return logits_Bx1xV[:, 0], buffer_BxN
+    logits_BxV, feed_state, feed = prefill(graphdef, model, tokens_BxP, positions_BxP,
+                                           segments_BxP, lengths_B, t, o.use_cache)
 
     def cond(carry):
       i, _, _, _, _, done_B, _, _ = carry

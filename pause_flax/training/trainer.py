@@ -144,11 +144,8 @@ class Trainer:
     """The loss sums and the sums of any extra statistics (adaptive pauses)."""
     model = self.model(params)
     targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
-    batch_shards = parallel.data_parallel_size(self.mesh, self.rules)
     with parallel.activation_sharding(self.mesh, self.rules):
-      h_BxLxD = model.hidden(batch["decoder_input_tokens"],
-                             positions_BxL=batch.get("decoder_positions"),
-                             segment_ids_BxL=batch.get("decoder_segment_ids"))
+      h_BxLxD = self._hidden(model, batch)
       if self.options.adaptive is not None:
         return adaptive_lib.cyb_loss_sums(
             model.logits(h_BxLxD), targets, weights, batch["decoder_pause_steps"],
@@ -159,26 +156,31 @@ class Trainer:
                                            self.options.z_loss), {}
       return loss_lib.fused_cross_entropy_sums(
           h_BxLxD, model.output_matrix_VxD(), targets, weights, self.options.z_loss,
-          vocab_size=self.model_config.vocab_size, chunk_len=self.options.loss_chunk_len,
-          batch_shards=batch_shards,
-          vocab_major=kernels.loss_vocab_major(self.model_config, batch_shards)), {}
+          **self._fused_options()), {}
+
+  @staticmethod
+  def _hidden(model: transformer_lib.Transformer, batch: Batch) -> jax.Array:
+    return model.hidden(batch["decoder_input_tokens"],
+                        positions_BxL=batch.get("decoder_positions"),
+                        segment_ids_BxL=batch.get("decoder_segment_ids"))
+
+  def _fused_options(self) -> dict:
+    """The fused loss's static settings for this model and mesh."""
+    batch_shards = parallel.data_parallel_size(self.mesh, self.rules)
+    return dict(vocab_size=self.model_config.vocab_size, chunk_len=self.options.loss_chunk_len,
+                batch_shards=batch_shards,
+                vocab_major=kernels.loss_vocab_major(self.model_config, batch_shards))
 
   def _token_losses(self, params: Any, batch: Batch) -> jax.Array:
     """float32 [B, L]: the model's cross-entropy on each target (0 at weight 0)."""
     model = self.model(params)
     targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
-    batch_shards = parallel.data_parallel_size(self.mesh, self.rules)
     with parallel.activation_sharding(self.mesh, self.rules):
-      h_BxLxD = model.hidden(batch["decoder_input_tokens"],
-                             positions_BxL=batch.get("decoder_positions"),
-                             segment_ids_BxL=batch.get("decoder_segment_ids"))
+      h_BxLxD = self._hidden(model, batch)
       if self.options.loss_chunk_len is None:
         return loss_lib.token_cross_entropy(model.logits(h_BxLxD), targets, weights)
       return loss_lib.fused_token_cross_entropy(
-          h_BxLxD, model.output_matrix_VxD(), targets, weights,
-          vocab_size=self.model_config.vocab_size, chunk_len=self.options.loss_chunk_len,
-          batch_shards=batch_shards,
-          vocab_major=kernels.loss_vocab_major(self.model_config, batch_shards))
+          h_BxLxD, model.output_matrix_VxD(), targets, weights, **self._fused_options())
 
   def _with_pauses(self, scorer: Any, batch: Batch) -> Batch:
     """The batch with low-confidence pauses, scored by `scorer` parameters."""
