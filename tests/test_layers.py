@@ -15,7 +15,8 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "pause_flax"
 
-ENTRY_POINTS = frozenset({"train", "eval", "grid", "control", "cells", "lm_eval", "convert",
+ENTRY_POINTS = frozenset({"train", "eval", "grid", "control", "cells", "arms", "lm_eval",
+                          "convert",
                           "memory_check",
                           "hf_checkpoint"})
 VOCABULARY = frozenset({"vocab", "hf_vocab"})
