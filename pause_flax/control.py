@@ -41,6 +41,15 @@ from pause_flax.training import loop
 
 ARMS = ("NoPause", "SupervisedPause", "Filler", "Pause")  # run in this order
 BASELINE = "NoPause"
+# The verdict's limits on parity (London & Kanade: ~100% with hints, ~50% without);
+# a task may get its own through a {task: limit} mapping.
+SUPERVISED_MIN = 90.0
+BASELINE_MAX = 65.0
+
+
+def task_limit(limit: float | Mapping[str, float], task: str, default: float) -> float:
+  """`limit` itself, or its entry for `task` (`default` when the mapping has none)."""
+  return float(limit.get(task, default)) if isinstance(limit, Mapping) else float(limit)
 
 
 def arm_task(task: str, arm: str, num_pauses: int, filler_id: int,
@@ -74,10 +83,17 @@ def run_control(control_dir: str, *, model_config: transformer_lib.TransformerCo
                 num_pauses: int | Mapping[str, int], pause_weight: int = 1,
                 arms: Sequence[str] = ARMS, filler_text: str = ".",
                 eval_batch_size: int = 128, eval_examples: int | None = None,
-                confidence: float = 0.95, supervised_min: float = 90.0,
-                baseline_max: float = 65.0, keep_checkpoints: bool = False,
+                confidence: float = 0.95,
+                supervised_min: float | Mapping[str, float] = SUPERVISED_MIN,
+                baseline_max: float | Mapping[str, float] = BASELINE_MAX,
+                keep_checkpoints: bool = False,
                 mesh: jax.sharding.Mesh | None = None) -> dict:
-  """Runs (or completes) the control and writes results.md / results.json."""
+  """Runs (or completes) the control and writes results.md / results.json.
+
+  `supervised_min` / `baseline_max` (the verdict's limits, in percent) are one
+  number for every task or a {task: limit} mapping; tasks it leaves out get
+  SUPERVISED_MIN / BASELINE_MAX.
+  """
   from pause_flax.data import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
   from pause_flax.evaluation import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
 
@@ -152,7 +168,8 @@ def write_results(control_dir: str, tasks, arms, seeds, m, confidence, steps,
 
 def collect(control_dir: str, tasks: Sequence[str], arms: Sequence[str],
             seeds: Sequence[int], num_pauses: Mapping[str, int], confidence: float,
-            *, supervised_min: float, baseline_max: float) -> dict:
+            *, supervised_min: float | Mapping[str, float],
+            baseline_max: float | Mapping[str, float]) -> dict:
   """Per task and arm: mean/std over seeds, per-seed values, paired differences, verdict."""
   out: dict[str, Any] = {"seeds": list(seeds), "confidence": confidence, "tasks": {}}
   for task in tasks:
@@ -182,9 +199,11 @@ def collect(control_dir: str, tasks: Sequence[str], arms: Sequence[str],
              "missing": missing}
     if "SupervisedPause" in rows:
       sup = rows["SupervisedPause"]
+      sup_min = task_limit(supervised_min, task, SUPERVISED_MIN)
+      base_max = task_limit(baseline_max, task, BASELINE_MAX)
       checks = {
-          f"SupervisedPause mean >= {supervised_min:g}": sup["mean"] >= supervised_min,
-          f"NoPause mean <= {baseline_max:g}": rows[BASELINE]["mean"] <= baseline_max,
+          f"SupervisedPause mean >= {sup_min:g}": sup["mean"] >= sup_min,
+          f"NoPause mean <= {base_max:g}": rows[BASELINE]["mean"] <= base_max,
           "SupervisedPause - NoPause interval above 0": sup["diffs"][BASELINE]["low"] > 0,
       }
       if "Filler" in sup["diffs"]:
