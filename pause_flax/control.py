@@ -12,6 +12,8 @@ same seeds (model init and data order), and evaluates each at its own M:
   Filler           prefix + M copies of an ordinary token ('.')
 On parity of n bits (synthetic_parity) with threshold hints a two-layer
 transformer is expected to reach ~100% only in the SupervisedPause arm; the
+second positive control (synthetic_3sum: half its training examples carry
+Pfau et al.'s per-pair hints) has its own NoPause limit in the gin files; the
 negative control (synthetic_count, no pause_targets) runs the other arms. The
 verdict compares SupervisedPause with NoPause and Filler (paired t intervals
 over the seeds) and says plainly whether the known effect was detected.
