@@ -87,7 +87,6 @@ def test_bad_parameters_are_refused(kwargs, bad):
     tasks.register_3sum_task(**kwargs)
 
 
-@pytest.mark.slow   # reads the task's train split, 131,072 examples generated in Python
 def test_registered_task_trains_hints_only_on_hinted_examples():
   sup = tasks.pause_variant("synthetic_3sum", form="finetune", num_pauses=40, pause_weight=1)
   assert tasks.default_task_feature_lengths("synthetic_3sum") == {"inputs": 20, "targets": 2}
