@@ -12,6 +12,8 @@ same seeds (model init and data order), and evaluates each at its own M:
   Filler           prefix + M copies of an ordinary token ('.')
 On parity of n bits (synthetic_parity) with threshold hints a two-layer
 transformer is expected to reach ~100% only in the SupervisedPause arm; the
+second positive control (synthetic_3sum: half its training examples carry
+Pfau et al.'s per-pair hints) has its own NoPause limit in the gin files; the
 negative control (synthetic_count, no pause_targets) runs the other arms. The
 verdict compares SupervisedPause with NoPause and Filler (paired t intervals
 over the seeds) and says plainly whether the known effect was detected.
@@ -47,6 +49,15 @@ from pause_flax.training import loop
 ARMS = ("NoPause", "SupervisedPause", "Filler", "Pause")  # run in this order
 BASELINE = "NoPause"
 COMPUTE_METRICS = cells_lib.COMPUTE_METRICS
+# The verdict's limits on parity (London & Kanade: ~100% with hints, ~50% without);
+# a task may get its own through a {task: limit} mapping.
+SUPERVISED_MIN = 90.0
+BASELINE_MAX = 65.0
+
+
+def task_limit(limit: float | Mapping[str, float], task: str, default: float) -> float:
+  """`limit` itself, or its entry for `task` (`default` when the mapping has none)."""
+  return float(limit.get(task, default)) if isinstance(limit, Mapping) else float(limit)
 
 
 def preset(name: str, pause_weight: int = 1) -> arms_lib.Arm:
@@ -86,10 +97,17 @@ def run_control(control_dir: str, *, model_config: transformer_lib.TransformerCo
                 num_pauses: int | Mapping[str, int], pause_weight: int = 1,
                 arms: Sequence[str | arms_lib.Arm] = ARMS, filler_text: str = ".",
                 eval_batch_size: int = 128, eval_examples: int | None = None,
-                confidence: float = 0.95, supervised_min: float = 90.0,
-                baseline_max: float = 65.0, keep_checkpoints: bool = False,
+                confidence: float = 0.95,
+                supervised_min: float | Mapping[str, float] = SUPERVISED_MIN,
+                baseline_max: float | Mapping[str, float] = BASELINE_MAX,
+                keep_checkpoints: bool = False,
                 mesh: jax.sharding.Mesh | None = None) -> dict:
-  """Runs (or completes) the control and writes results.md / results.json."""
+  """Runs (or completes) the control and writes results.md / results.json.
+
+  `supervised_min` / `baseline_max` (the verdict's limits, in percent) are one
+  number for every task or a {task: limit} mapping; tasks it leaves out get
+  SUPERVISED_MIN / BASELINE_MAX.
+  """
   from pause_flax.data import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
   from pause_flax.evaluation import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
 
@@ -163,7 +181,8 @@ def write_results(control_dir: str, tasks, arms, seeds, m, confidence, steps,
 
 def collect(control_dir: str, tasks: Sequence[str], arms: Sequence[str | arms_lib.Arm],
             seeds: Sequence[int], num_pauses: Mapping[str, int], confidence: float,
-            *, supervised_min: float, baseline_max: float) -> dict:
+            *, supervised_min: float | Mapping[str, float],
+            baseline_max: float | Mapping[str, float]) -> dict:
   """Per task and arm: mean/std over seeds, per-seed values, paired differences, verdict."""
   out: dict[str, Any] = {"seeds": list(seeds), "confidence": confidence, "tasks": {}}
   for task in tasks:
@@ -198,9 +217,11 @@ def collect(control_dir: str, tasks: Sequence[str], arms: Sequence[str | arms_li
              "missing": missing}
     if "SupervisedPause" in rows:
       sup = rows["SupervisedPause"]
+      sup_min = task_limit(supervised_min, task, SUPERVISED_MIN)
+      base_max = task_limit(baseline_max, task, BASELINE_MAX)
       checks = {
-          f"SupervisedPause mean >= {supervised_min:g}": sup["mean"] >= supervised_min,
-          f"NoPause mean <= {baseline_max:g}": rows[BASELINE]["mean"] <= baseline_max,
+          f"SupervisedPause mean >= {sup_min:g}": sup["mean"] >= sup_min,
+          f"NoPause mean <= {base_max:g}": rows[BASELINE]["mean"] <= base_max,
           "SupervisedPause - NoPause interval above 0": sup["diffs"][BASELINE]["low"] > 0,
       }
       if "Filler" in sup["diffs"]:

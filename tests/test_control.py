@@ -39,6 +39,22 @@ def test_detected_only_when_every_check_passes(tmp_path):
   assert not _results(root)["tasks"]["synthetic_parity"]["detected"]
 
 
+def test_limits_per_task(tmp_path):
+  """A {task: limit} mapping sets one task's limit; the others keep the defaults."""
+  root = str(tmp_path)
+  for task in ("synthetic_parity", "synthetic_3sum"):
+    for s in range(3):
+      _cell(root, task, "NoPause", s, 66 + s)           # mean 67: above 65, below 70
+      _cell(root, task, "SupervisedPause", s, 99)
+  out = control.collect(root, ["synthetic_parity", "synthetic_3sum"],
+                        ["NoPause", "SupervisedPause"], [0, 1, 2], {"synthetic_parity": 20, "synthetic_3sum": 40}, 0.95,
+                        supervised_min=90.0, baseline_max={"synthetic_3sum": 70.0})
+  parity, sum3 = out["tasks"]["synthetic_parity"], out["tasks"]["synthetic_3sum"]
+  assert not parity["detected"] and not parity["checks"]["NoPause mean <= 65"]
+  assert sum3["detected"] and sum3["checks"]["NoPause mean <= 70"]
+  assert control.task_limit({"a": 1.0}, "b", 2.0) == 2.0 and control.task_limit(3, "b", 2.0) == 3.0
+
+
 def test_tasks_without_pause_targets_have_no_supervised_arm():
   assert control.task_arms("synthetic_count", control.ARMS) == ["NoPause", "Filler", "Pause"]
   assert "SupervisedPause" in control.task_arms("synthetic_parity", control.ARMS)

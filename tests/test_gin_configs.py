@@ -172,12 +172,20 @@ def test_grid_files_bind_a_complete_grid(path):
 @pytest.mark.parametrize("path", ["gin_configs/local/positive_control.gin",
                                   "gin_configs/local/grid.gin"])
 def test_control_bindings(path):
-  """The controls: parity first, >= 3 seeds, the negative control kept."""
+  """The controls: parity first, >= 3 seeds; the standalone command also runs 3SUM (a
+  pause per hint) and the negative control."""
+  from pause_flax.data import synthetic  # pylint: disable=g-import-not-at-top
   gin.parse_config_file(os.path.join(gin_utils.REPO_ROOT, path))
   gin.parse_config(["CONTROL_DIR = '/tmp/c'", "GRID_DIR = '/tmp/g'"])
   b = gin.get_bindings("run_control")
-  assert b["tasks"][0] == "synthetic_parity" and "synthetic_count" in b["tasks"]
+  assert b["tasks"][0] == "synthetic_parity"
   assert len(set(b["seeds"])) >= 3 and b["num_pauses"]["synthetic_parity"] == 20
+  if path.endswith("grid.gin"):   # the grid runs the cheap, sharp positive control only
+    assert b["tasks"] == ["synthetic_parity"]
+    return
+  assert "synthetic_count" in b["tasks"]   # the negative control
+  assert "synthetic_3sum" in b["tasks"] and b["baseline_max"] == {"synthetic_3sum": 70.0}
+  assert b["num_pauses"]["synthetic_3sum"] == synthetic.sum3_num_hints(5, 3)
 
 
 def test_pause_policy_macros_reach_train():

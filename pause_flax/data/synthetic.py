@@ -14,6 +14,10 @@ A positive control for supervised pauses (not in the pretraining corpus):
 
   parity        '01101001011100101101='   -> '1'    (parity of n bits; n = 20)
                 pause_targets '11111111111000000000' (k-th: at least k ones)
+  3sum          '123 456 789 012 345='    -> '1'   (some triple sums to 0 mod 10
+                in every coordinate; Pfau, Merrill & Bowman's Match-3)
+                pause_targets per pair (i < j): the digits of -(x_i + x_j) mod 10,
+                then the index of the third summand after j, or '-'
 
 The pretraining corpus mixes filler prose with problems of all three formats,
 written with their answers, so that pretraining teaches the formats.
@@ -133,6 +137,112 @@ def parity_example(n_bits: int, split: str, index: int) -> tuple[str, str, str]:
   ones = sum(bits)
   hints = "".join("1" if ones >= k else "0" for k in range(1, n_bits + 1))
   return "".join(map(str, bits)) + "=", str(ones % 2), hints
+
+
+# 3SUM (Pfau, Merrill & Bowman, "Let's Think Dot by Dot", arXiv 2404.15758;
+# their code: JacobPfau/fillerTokens, src/match3.py). One pass of a 1,000-step,
+# batch-128 run sees each training example once.
+SUM3_SPLIT_SIZES = {"train": 131072, "validation": 512}
+_SUM3_MOD = 10
+
+
+def sum3_num_hints(n_tuples: int, dim: int) -> int:
+  """Pause targets per hinted 3SUM example: dim + 1 per pair of tuples."""
+  return (dim + 1) * n_tuples * (n_tuples - 1) // 2
+
+
+def _has_3sum(xs: Sequence[tuple[int, ...]]) -> bool:
+  n = len(xs)
+  return any(all((a + b + c) % _SUM3_MOD == 0 for a, b, c in zip(xs[i], xs[j], xs[k]))
+             for i in range(n) for j in range(i + 1, n) for k in range(j + 1, n))
+
+
+def _sum3_hints(xs: Sequence[tuple[int, ...]]) -> str:
+  """Pfau's parallelizable CoT, one token per pause, in pair order (0,1), (0,2), ...
+
+  Per pair (i, j): the digits of -(x_i + x_j) mod 10 (the tuple that would
+  complete the triple), then the index of the first later tuple k > j equal to
+  it, or '-' (Pfau reports the third summand's index when one exists).
+  """
+  out = []
+  for i in range(len(xs)):
+    for j in range(i + 1, len(xs)):
+      need = tuple((-(a + b)) % _SUM3_MOD for a, b in zip(xs[i], xs[j]))
+      found = next((k for k in range(j + 1, len(xs)) if xs[k] == need), None)
+      out.append("".join(map(str, need)) + ("-" if found is None else str(found)))
+  return "".join(out)
+
+
+def _sum3_tuples(rng: random.Random, n_tuples: int, dim: int,
+                 positive: bool) -> list[tuple[int, ...]]:
+  """A planted triple (positive) or a corrupted one that no longer sums to 0 (negative).
+
+  As Pfau built them: two random tuples and the negation of their sum, the
+  rest uniform, shuffled. A negative resamples min(Geometric(3/4), 3) digits
+  of the planted triple and is redrawn while any triple still sums to 0, so
+  negatives are near misses rather than random strings.
+  """
+  while True:
+    a, b = ([rng.randrange(_SUM3_MOD) for _ in range(dim)] for _ in range(2))
+    triple = [a, b, [(-(x + y)) % _SUM3_MOD for x, y in zip(a, b)]]
+    if not positive:
+      corruptions = 1
+      while corruptions < 3 and rng.random() >= 0.75:
+        corruptions += 1
+      for cell in rng.sample(range(3 * dim), corruptions):
+        triple[cell // dim][cell % dim] = rng.randrange(_SUM3_MOD)
+    xs = [tuple(t) for t in triple]
+    xs += [tuple(rng.randrange(_SUM3_MOD) for _ in range(dim)) for _ in range(n_tuples - 3)]
+    rng.shuffle(xs)
+    if positive or not _has_3sum(xs):
+      return xs
+
+
+def check_sum3_params(n_tuples: int, dim: int, hint_fraction: float) -> None:
+  """Raises ValueError naming a bad 3SUM parameter."""
+  for key, value, low, high in (("n_tuples", n_tuples, 3, 10), ("dim", dim, 1, 16)):
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+      raise ValueError(f"{key}={value!r} is invalid: use an integer in [{low}, {high}].")
+  if isinstance(hint_fraction, bool) or not isinstance(hint_fraction, (int, float)) or not (
+      0.0 <= hint_fraction <= 1.0):
+    raise ValueError(f"hint_fraction={hint_fraction!r} is invalid: use a number in [0, 1].")
+
+
+def sum3_example(n_tuples: int, dim: int, hint_fraction: float, split: str,
+                 index: int) -> tuple[str, str, str]:
+  """(inputs, targets, pause_targets) of 3SUM example `index` of `split`.
+
+  inputs: `n_tuples` tuples of `dim` digits, space-separated, then '=';
+  targets: '1' when some triple (i < j < k) sums to 0 mod 10 in every
+  coordinate, else '0' (even indices positive, odd negative: balanced);
+  pause_targets: the hints of `_sum3_hints` on a `hint_fraction` of training
+  examples (Pfau's CoT/filler mixture), '' on the rest and on validation.
+  The tuples and answer do not depend on `hint_fraction`.
+  """
+  check_sum3_params(n_tuples, dim, hint_fraction)
+  _check_split(split, SUM3_SPLIT_SIZES)
+  xs = _sum3_tuples(_rng("3sum", n_tuples, dim, split, index), n_tuples, dim,
+                    positive=index % 2 == 0)
+  hinted = split == "train" and _rng("3sum-hint", n_tuples, dim, index).random() < hint_fraction
+  inputs = " ".join("".join(map(str, x)) for x in xs) + "="
+  return inputs, "1" if index % 2 == 0 else "0", _sum3_hints(xs) if hinted else ""
+
+
+@functools.lru_cache(maxsize=None)
+def _sum3_triples(n_tuples: int, dim: int, hint_fraction: float,
+                  split: str) -> tuple[tuple[str, ...], ...]:
+  n = _check_split(split, SUM3_SPLIT_SIZES)
+  return tuple(zip(*(sum3_example(n_tuples, dim, hint_fraction, split, i)
+                     for i in range(n))))
+
+
+def sum3_dataset_fn(n_tuples: int, dim: int, hint_fraction: float, split: str,
+                    shuffle_files: bool = False, seed: int | None = None) -> tf.data.Dataset:
+  """{'inputs', 'targets', 'pause_targets'} strings of 3SUM, in index order."""
+  del shuffle_files, seed
+  inputs, targets, hints = _sum3_triples(n_tuples, dim, hint_fraction, split)
+  return tf.data.Dataset.from_tensor_slices(
+      {"inputs": list(inputs), "targets": list(targets), "pause_targets": list(hints)})
 
 
 @functools.lru_cache(maxsize=None)

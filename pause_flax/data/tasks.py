@@ -16,6 +16,9 @@ never raises, the newest registration wins):
                                   pointer; M_ft = 10 pauses after the prefix
   synthetic_parity                parity of 20 bits with threshold pause_targets
                                   (the supervised-pause positive control)
+  synthetic_3sum                  3SUM of 5 tuples of 3 digits mod 10, half the
+                                  training examples with Pfau's per-pair hints
+                                  (the second positive control)
   the paper's downstream Tasks    squad, gsm8k, ... (pause_flax.data.downstream)
 
 Standard Tasks use the plain base vocabulary; pause variants wrap it in a
@@ -124,26 +127,36 @@ def register_c4_tasks(data_dir: str | None = None,
                                    name="c4_en_lm_pause")
 
 
-def register_synthetic_downstream_task(name: str, task: str,
-                                       vocabulary: seqio.Vocabulary) -> str:
-  """Registers synthetic downstream `task` (inputs -> targets, exact match) as `name`."""
-  if task not in synthetic.DOWNSTREAM_GENERATORS:
-    raise ValueError(f"task={task!r}; choose from {sorted(synthetic.DOWNSTREAM_GENERATORS)}.")
+def _add_synthetic_task(name: str, dataset_fn, split_sizes: dict[str, int],
+                        vocabulary: seqio.Vocabulary, *, pause_targets: bool = False) -> str:
+  """Registers an offline inputs -> targets Task (exact match), with hints if `pause_targets`."""
+  output_features = {
+      "inputs": seqio.Feature(vocabulary, add_eos=False),
+      "targets": seqio.Feature(vocabulary, add_eos=True),
+  }
+  if pause_targets:
+    output_features[prep.PAUSE_TARGETS_KEY] = seqio.Feature(
+        vocabulary, add_eos=False, required=False)
   add_task(
       name,
-      source=seqio.FunctionDataSource(
-          functools.partial(synthetic.downstream_dataset_fn, task),
-          splits=tuple(synthetic.DOWNSTREAM_SPLIT_SIZES),
-          num_input_examples=synthetic.DOWNSTREAM_SPLIT_SIZES),
-      output_features={
-          "inputs": seqio.Feature(vocabulary, add_eos=False),
-          "targets": seqio.Feature(vocabulary, add_eos=True),
-      },
+      source=seqio.FunctionDataSource(dataset_fn, splits=tuple(split_sizes),
+                                      num_input_examples=split_sizes),
+      output_features=output_features,
       preprocessors=[seqio.preprocessors.tokenize,
                      seqio.preprocessors.append_eos_after_trim],
       postprocess_fn=synthetic.postprocess_answer,
       metric_fns=[synthetic.exact_match])
   return name
+
+
+def register_synthetic_downstream_task(name: str, task: str,
+                                       vocabulary: seqio.Vocabulary) -> str:
+  """Registers synthetic downstream `task` (inputs -> targets, exact match) as `name`."""
+  if task not in synthetic.DOWNSTREAM_GENERATORS:
+    raise ValueError(f"task={task!r}; choose from {sorted(synthetic.DOWNSTREAM_GENERATORS)}.")
+  return _add_synthetic_task(
+      name, functools.partial(synthetic.downstream_dataset_fn, task),
+      synthetic.DOWNSTREAM_SPLIT_SIZES, vocabulary)
 
 
 def register_parity_task(n_bits: int = 20, name: str | None = None) -> str:
@@ -156,23 +169,33 @@ def register_parity_task(n_bits: int = 20, name: str | None = None) -> str:
   if isinstance(n_bits, bool) or not isinstance(n_bits, int) or n_bits < 1:
     raise ValueError(f"n_bits={n_bits!r} is invalid: use an integer >= 1.")
   name = name or ("synthetic_parity" if n_bits == 20 else f"synthetic_parity_n{n_bits}")
-  vocab = seqio.ByteVocabulary()
-  add_task(
-      name,
-      source=seqio.FunctionDataSource(
-          functools.partial(synthetic.parity_dataset_fn, n_bits),
-          splits=tuple(synthetic.PARITY_SPLIT_SIZES),
-          num_input_examples=synthetic.PARITY_SPLIT_SIZES),
-      output_features={
-          "inputs": seqio.Feature(vocab, add_eos=False),
-          "targets": seqio.Feature(vocab, add_eos=True),
-          prep.PAUSE_TARGETS_KEY: seqio.Feature(vocab, add_eos=False, required=False),
-      },
-      preprocessors=[seqio.preprocessors.tokenize,
-                     seqio.preprocessors.append_eos_after_trim],
-      postprocess_fn=synthetic.postprocess_answer,
-      metric_fns=[synthetic.exact_match])
+  _add_synthetic_task(name, functools.partial(synthetic.parity_dataset_fn, n_bits),
+                      synthetic.PARITY_SPLIT_SIZES, seqio.ByteVocabulary(),
+                      pause_targets=True)
   DEFAULT_LENGTHS[name] = {"inputs": n_bits + 1, "targets": 2}
+  return name
+
+
+def register_3sum_task(n_tuples: int = 5, dim: int = 3, hint_fraction: float = 0.5,
+                       name: str | None = None) -> str:
+  """Registers 3SUM with Pfau, Merrill & Bowman's hinted/plain mixture.
+
+  'synthetic_3sum' for the defaults, else 'synthetic_3sum_n<n>_d<dim>_h<percent>'.
+  A `hint_fraction` of training examples carry per-pair `pause_targets`
+  (synthetic.sum3_example; `synthetic.sum3_num_hints(n_tuples, dim)` of them),
+  the rest and all validation examples none. `pause_variant(name,
+  form='finetune', num_pauses=sum3_num_hints(...), pause_weight=1)` trains the
+  hinted examples' pause outputs; plain examples keep weight-0 pauses.
+  Defaults: Pfau's d = 3 and half-hinted mixture, n scaled from their 10 down
+  to 5 for a two-layer d_model-64 model on CPU (docs/supervised_pauses.md).
+  """
+  synthetic.check_sum3_params(n_tuples, dim, hint_fraction)
+  name = name or ("synthetic_3sum" if (n_tuples, dim, hint_fraction) == (5, 3, 0.5) else
+                  f"synthetic_3sum_n{n_tuples}_d{dim}_h{round(100 * hint_fraction)}")
+  _add_synthetic_task(
+      name, functools.partial(synthetic.sum3_dataset_fn, n_tuples, dim, float(hint_fraction)),
+      synthetic.SUM3_SPLIT_SIZES, seqio.ByteVocabulary(), pause_targets=True)
+  DEFAULT_LENGTHS[name] = {"inputs": n_tuples * (dim + 1), "targets": 2}
   return name
 
 
@@ -195,7 +218,7 @@ def register_synthetic_tasks(sequence_length: int = 512) -> list[str]:
     DEFAULT_LENGTHS[name] = {"inputs": 64, "targets": 16}
     names += [name, pause_variant(name, form="finetune",
                                   name=f"{name}_pause")]
-  names.append(register_parity_task())
+  names += [register_parity_task(), register_3sum_task()]
   return names
 
 
