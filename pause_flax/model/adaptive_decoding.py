@@ -166,10 +166,7 @@ def generate_adaptive(model: Transformer, prompt_BxP: jax.Array, *, max_new_toke
     raise ValueError(
         f'prompt length {p} + max_new_tokens {max_new_tokens} x (max_pauses_per_token '
         f'{max_pauses_per_token} + 1) exceeds the model\'s max_len={model.config.max_len}.')
-  if temperature < 0 or (temperature > 0 and rng is None):
-    raise ValueError(f'temperature={temperature}: use 0 (greedy), or > 0 with an rng key.')
-  if top_k is not None and not 1 <= top_k <= model.config.padded_vocab_size:
-    raise ValueError(f'top_k={top_k} must lie in [1, padded vocab size].')
+  decoding.check_sampling(model, temperature, top_k, rng)
   options = _Options(max_new_tokens=max_new_tokens, max_pauses_per_token=max_pauses_per_token,
                      pause_id=int(pause_id), ask_id=int(ask_id), eos_id=eos_id, pad_id=pad_id,
                      banned_ids=tuple(int(i) for i in banned_ids),

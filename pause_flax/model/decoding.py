@@ -190,6 +190,15 @@ def _generate(graphdef: nnx.GraphDef, state: nnx.State, prompt_BxP: jax.Array,
   return (out_BxT, seen_BxTxV) if o.return_logits else out_BxT
 
 
+def check_sampling(model: Transformer, temperature: float, top_k: int | None,
+                   rng: jax.Array | None) -> None:
+  """The sampling settings `generate` and `generate_adaptive` accept."""
+  if temperature < 0 or (temperature > 0 and rng is None):
+    raise ValueError(f'temperature={temperature}: use 0 (greedy), or > 0 with an rng key.')
+  if top_k is not None and not 1 <= top_k <= model.config.padded_vocab_size:
+    raise ValueError(f'top_k={top_k} must lie in [1, padded vocab size].')
+
+
 def generate(model: Transformer, prompt_BxP: jax.Array, *, max_new_tokens: int,
              prompt_lengths_B: jax.Array | None = None, eos_id: int | None = None,
              banned_ids: Sequence[int] = (), temperature: float = 0.0,
@@ -223,10 +232,7 @@ def generate(model: Transformer, prompt_BxP: jax.Array, *, max_new_tokens: int,
     raise ValueError(
         f'prompt length {p} + max_new_tokens {max_new_tokens} exceeds the model\'s '
         f'max_len={model.config.max_len}.')
-  if temperature < 0 or (temperature > 0 and rng is None):
-    raise ValueError(f'temperature={temperature}: use 0 (greedy), or > 0 with an rng key.')
-  if top_k is not None and not 1 <= top_k <= model.config.padded_vocab_size:
-    raise ValueError(f'top_k={top_k} must lie in [1, padded vocab size].')
+  check_sampling(model, temperature, top_k, rng)
   options = _Options(max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
                      banned_ids=tuple(int(i) for i in banned_ids),
                      temperature=float(temperature), top_k=top_k, use_cache=use_cache,
