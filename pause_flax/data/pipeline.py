@@ -10,8 +10,9 @@ batch into one global array per feature with
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
+from absl import logging
 import jax
 import numpy as np
 
@@ -82,7 +83,7 @@ def get_dataset(name: str, feature_lengths: Mapping[str, int], global_batch_size
                 pack: bool = False, num_epochs: int | None = None,
                 use_cached: bool = False, data_shards: int | None = None,
                 process_index: int | None = None, process_count: int | None = None,
-                ) -> tf.data.Dataset:
+                fuse_maps: bool = True) -> tf.data.Dataset:
   """This process's batched tf.data pipeline of model features.
 
   The source is split into `data_shards` seqio shards (default: one per
@@ -90,6 +91,10 @@ def get_dataset(name: str, feature_lengths: Mapping[str, int], global_batch_size
   process_count and puts their rows side by side, so that the global batch
   is the same whatever the number of processes reading it.
   `num_epochs=None` repeats forever (training); pass 1 for evaluation.
+  `fuse_maps` lets tf.data merge the preprocessors' and feature converter's
+  consecutive maps into one (the same examples for less CPU per example);
+  False builds the pipeline of data-iterator checkpoints saved before it
+  (`CheckpointableIterator`'s fallback).
   """
   check_task_name(name)
   process_count = jax.process_count() if process_count is None else process_count
@@ -123,7 +128,12 @@ def get_dataset(name: str, feature_lengths: Mapping[str, int], global_batch_size
   else:
     ds = tf.data.Dataset.zip(tuple(shards)).map(
         lambda *parts: {k: tf.concat([p[k] for p in parts], axis=0) for k in parts[0]})
-  return ds.prefetch(tf.data.AUTOTUNE)
+  ds = ds.prefetch(tf.data.AUTOTUNE)
+  if fuse_maps:
+    options = tf.data.Options()
+    options.experimental_optimization.map_fusion = True
+    ds = ds.with_options(options)
+  return ds
 
 
 def to_global(batch: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding,
@@ -143,9 +153,19 @@ class CheckpointableIterator:
   The state (shuffle buffers, file offsets, the repeat count) is written with
   `tf.train.Checkpoint`, one file set per process, so that a resumed run
   continues on exactly the batches it would have seen.
+
+  A saved state restores only into the same dataset graph. `fallback()`, when
+  given, builds the same examples as the graph that older checkpoints saved
+  (`get_dataset(..., fuse_maps=False)`): a checkpoint the dataset cannot read
+  is restored into it instead, and the run goes on on that graph.
   """
 
-  def __init__(self, ds: tf.data.Dataset):
+  def __init__(self, ds: tf.data.Dataset,
+               fallback: Callable[[], tf.data.Dataset] | None = None):
+    self._fallback = fallback
+    self._use(ds)
+
+  def _use(self, ds: tf.data.Dataset) -> None:
     self._iterator = iter(ds)
     self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
 
@@ -160,4 +180,13 @@ class CheckpointableIterator:
     self._checkpoint.write(prefix)
 
   def restore(self, prefix: str) -> None:
-    self._checkpoint.read(prefix).assert_consumed()
+    try:
+      self._checkpoint.read(prefix).assert_consumed()
+    except tf.errors.NotFoundError as e:
+      if self._fallback is None or "Failed to restore dataset iterator" not in str(e):
+        raise
+      logging.info("The data iterator's checkpoint %s was saved by the unfused pipeline: "
+                   "resuming on that pipeline (the same examples).", prefix)
+      self._use(self._fallback())
+      self._fallback = None
+      self._checkpoint.read(prefix).assert_consumed()

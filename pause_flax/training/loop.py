@@ -174,8 +174,12 @@ def train(*, model_dir: str,
           ask_id=None if adaptive_pauses is None else vocab.ask_id,
           low_confidence=low_confidence))
 
-  ds = pipeline.get_dataset(task_name, task_feature_lengths, batch_size, seed=data_seed,
-                            shuffle=True, pack=pack, data_shards=data_shards)
+  def dataset(fuse_maps: bool = True):
+    return pipeline.get_dataset(task_name, task_feature_lengths, batch_size, seed=data_seed,
+                                shuffle=True, pack=pack, data_shards=data_shards,
+                                fuse_maps=fuse_maps)
+
+  ds = dataset()
   flops_per_step = trainer.flops_per_step(batch_size, seq_len)
   peak = metrics_lib.peak_flops_per_device(peak_flops) * jax.device_count()
   logging.info("Task %s, feature lengths %s, batch %d, mesh %s, %s parameters.",
@@ -200,7 +204,8 @@ def train(*, model_dir: str,
     accepted = _check_resume(ckpt, model_dir, config_text, meta["data"], train_steps,
                              allow_changes)
     state, data_iter = _initial_state(
-        trainer, ckpt, lambda: pipeline.CheckpointableIterator(ds), seed, init_from,
+        trainer, ckpt, lambda: pipeline.CheckpointableIterator(
+            ds, fallback=lambda: dataset(fuse_maps=False)), seed, init_from,
         model_dir)
     start_step = int(state.step)
     if start_step >= train_steps:
