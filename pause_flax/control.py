@@ -100,13 +100,18 @@ def run_control(control_dir: str, *, model_config: transformer_lib.TransformerCo
                 confidence: float = 0.95,
                 supervised_min: float | Mapping[str, float] = SUPERVISED_MIN,
                 baseline_max: float | Mapping[str, float] = BASELINE_MAX,
-                keep_checkpoints: bool = False,
+                keep_checkpoints: bool = False, workers: int = 1,
                 mesh: jax.sharding.Mesh | None = None) -> dict:
   """Runs (or completes) the control and writes results.md / results.json.
 
   `supervised_min` / `baseline_max` (the verdict's limits, in percent) are one
   number for every task or a {task: limit} mapping; tasks it leaves out get
   SUPERVISED_MIN / BASELINE_MAX.
+  `workers` > 1 (CPU hosts) computes the cells in that many processes, each on
+  its own share of the CPU cores (cells_lib.run_workers), then writes the
+  tables here. On a few cores the runs of a small model are faster side by side
+  than one after another; results equal a one-process run's up to XLA:CPU's
+  thread-count-dependent rounding (docs/supervised_pauses.md).
   """
   from pause_flax.data import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
   from pause_flax.evaluation import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
@@ -115,6 +120,19 @@ def run_control(control_dir: str, *, model_config: transformer_lib.TransformerCo
   if len(seeds) < 3 or len(set(seeds)) != len(seeds):
     raise ValueError(f"seeds={list(seeds)}: give at least three distinct seeds.")
   m = dict(num_pauses) if isinstance(num_pauses, Mapping) else {t: num_pauses for t in tasks}
+  worker = cells_lib.in_worker()
+  if not worker and cells_lib.check_workers(workers, "run_control.workers") > 1:
+    job = dict(control_dir=control_dir, model_config=model_config, tasks=list(tasks),
+               stage=stage, seeds=list(seeds), num_pauses=m, pause_weight=pause_weight,
+               arms=list(arms), filler_text=filler_text, eval_batch_size=eval_batch_size,
+               eval_examples=eval_examples, confidence=confidence,
+               supervised_min=supervised_min, baseline_max=baseline_max,
+               keep_checkpoints=keep_checkpoints)
+    os.makedirs(control_dir, exist_ok=True)
+    cells_lib.run_workers(
+        workers, "pause_flax.control", job, os.path.join(control_dir, "workers"),
+        cells=[cell_path(control_dir, t, a, s) for t in tasks
+               for a in task_arms(t, arm_list) for s in seeds])
   mesh = parallel.make_mesh() if mesh is None else mesh
   os.makedirs(control_dir, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", os.path.join(control_dir, "xla_cache"))
@@ -155,15 +173,22 @@ def run_control(control_dir: str, *, model_config: transformer_lib.TransformerCo
                             **p.train_kwargs, **stage.train_kwargs())
 
         cells_lib.run_cell(
-            os.path.join(control_dir, "cells", task, arm.name, f"seed{seed}.json"), model_dir,
+            cell_path(control_dir, task, arm.name, seed), model_dir,
             train=train, evaluate=evaluate, keep_checkpoints=keep_checkpoints,
             record={"task": task, "arm": arm.name, "seed": seed, "train_task": p.train_task,
-                    "m_inf": arm.eval_pauses, "steps": stage.steps})
-      # Tables so far (arms still missing seeds are listed as such).
-      write_results(control_dir, tasks, arm_list, seeds, m, confidence, stage.steps,
-                    supervised_min=supervised_min, baseline_max=baseline_max)
+                    "m_inf": arm.eval_pauses, "steps": stage.steps}, skip_busy=worker)
+      if not worker:
+        # Tables so far (arms still missing seeds are listed as such).
+        write_results(control_dir, tasks, arm_list, seeds, m, confidence, stage.steps,
+                      supervised_min=supervised_min, baseline_max=baseline_max)
+  if worker:
+    return {}
   return write_results(control_dir, tasks, arm_list, seeds, m, confidence, stage.steps,
                        supervised_min=supervised_min, baseline_max=baseline_max)
+
+
+def cell_path(control_dir: str, task: str, arm: str, seed: int) -> str:
+  return os.path.join(control_dir, "cells", task, arm, f"seed{seed}.json")
 
 
 def write_results(control_dir: str, tasks, arms, seeds, m, confidence, steps,
@@ -186,8 +211,8 @@ def collect(control_dir: str, tasks: Sequence[str], arms: Sequence[str | arms_li
   """Per task and arm: mean/std over seeds, per-seed values, paired differences, verdict."""
   out: dict[str, Any] = {"seeds": list(seeds), "confidence": confidence, "tasks": {}}
   for task in tasks:
-    paths = {a: {s: os.path.join(control_dir, "cells", task, a, f"seed{s}.json")
-                 for s in seeds} for a in task_arms(task, arms)}
+    paths = {a: {s: cell_path(control_dir, task, a, s) for s in seeds}
+             for a in task_arms(task, arms)}
     complete = [a for a in paths if all(os.path.exists(p) for p in paths[a].values())]
     missing = [a for a in paths if a not in complete]
     if BASELINE not in complete:
@@ -275,9 +300,19 @@ def results_markdown(results: dict) -> str:
 run_control_configurable = gin.external_configurable(run_control, "run_control")
 
 
+_WORKER_JOB = flags.DEFINE_string(
+    "worker_job", None, "Internal: the job file of a run_control.workers process.")
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise flags.Error(f"Unexpected arguments: {argv[1:]}")
+  if _WORKER_JOB.value:
+    # A worker of run_control.workers: the parent's settings, its cells only.
+    job = cells_lib.worker_job(_WORKER_JOB.value)
+    train_cli.register_tasks()
+    run_control(**job, mesh=train_cli.make_mesh())
+    return
   gin_utils.parse_gin_flags()
   train_cli.register_tasks()
   results = run_control_configurable(mesh=train_cli.make_mesh())

@@ -79,6 +79,59 @@ def test_grid_runs_the_controls_first_only_when_bound(monkeypatch):
     gin.clear_config()
 
 
+def _cell_args(tmp_path, calls):
+  return dict(cell=str(tmp_path / "cells" / "seed0.json"), model_dir=str(tmp_path / "run"),
+              train=lambda: calls.append("train") or [{"loss": 0.5}],
+              evaluate=lambda model_dir: {"exact_match": 100.0}, record={"seed": 0})
+
+
+def test_a_cell_another_live_process_holds_is_skipped_by_a_worker_and_refused_otherwise(
+    tmp_path):
+  from pause_flax import cells  # pylint: disable=g-import-not-at-top
+  from pause_flax.training import run_dir  # pylint: disable=g-import-not-at-top
+  calls = []
+  args = _cell_args(tmp_path, calls)
+  os.makedirs(args["model_dir"])
+  holder = run_dir.RunLock(args["model_dir"], name=cells.CELL_LOCK_NAME).acquire()  # alive
+  try:
+    assert cells.run_cell(**args, skip_busy=True) is None
+    with pytest.raises(run_dir.RunDirInUse, match="seed0.json is being computed by another"):
+      cells.run_cell(**args)
+    assert not calls and not os.path.exists(args["cell"])
+  finally:
+    holder.release()
+  result = cells.run_cell(**args, skip_busy=True)
+  assert calls == ["train"] and result["metrics"] == {"exact_match": 100.0}
+  assert not os.path.exists(os.path.join(args["model_dir"], cells.CELL_LOCK_NAME))
+  assert cells.run_cell(**args) == result and calls == ["train"]   # done: read, not rerun
+
+
+def test_a_dead_processs_claim_is_taken_over(tmp_path):
+  from pause_flax import cells  # pylint: disable=g-import-not-at-top
+  calls = []
+  args = _cell_args(tmp_path, calls)
+  os.makedirs(args["model_dir"])
+  gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True)
+  with open(os.path.join(args["model_dir"], cells.CELL_LOCK_NAME), "w", encoding="utf-8") as f:
+    json.dump({"host": __import__("socket").gethostname(), "pid": int(gone.stdout),
+               "started": 0, "heartbeat": 0}, f)
+  assert cells.run_cell(**args, skip_busy=True)["metrics"] == {"exact_match": 100.0}
+  assert calls == ["train"]
+
+
+def test_worker_counts_are_checked():
+  from pause_flax import cells  # pylint: disable=g-import-not-at-top
+  cores = len(os.sched_getaffinity(0))
+  assert cells.check_workers(1, "run_control.workers") == 1
+  assert cells.check_workers(cores, "run_control.workers") == cores
+  for bad in (0, -1, True, 1.5, "2"):
+    with pytest.raises(ValueError, match=r"run_control.workers=.*whole number >= 1"):
+      cells.check_workers(bad, "run_control.workers")
+  with pytest.raises(ValueError, match=f"more than the {cores} CPU cores.*at most {cores}"):
+    cells.check_workers(cores + 1, "run_control.workers")
+
+
 @pytest.mark.slow
 def test_control_command_runs_from_its_gin_file_and_writes_table_and_figure(tmp_path):
   """`python -m pause_flax.control` with the shipped gin file (a fresh process:
@@ -104,3 +157,10 @@ def test_control_command_runs_from_its_gin_file_and_writes_table_and_figure(tmp_
   assert cells["steps"] == 4 and cells["m_inf"] == 20 and "exact_match" in cells["metrics"]
   assert not os.path.exists(os.path.join(out, "runs", "synthetic_parity", "NoPause", "seed0",
                                          "checkpoints"))   # deleted once the cell is written
+  # The gin file's two workers computed the six cells between them, each cell once.
+  runs = []
+  for i in range(2):
+    with open(os.path.join(out, "workers", f"worker{i}.log"), encoding="utf-8") as f:
+      runs += [line.split("Control: ")[1].strip() for line in f if "Control: " in line]
+  assert sorted(runs) == sorted(f"synthetic_parity {a} seed {s}."
+                                for a in ("NoPause", "SupervisedPause") for s in range(3))

@@ -83,8 +83,8 @@ class RunLock:
   by a daemon thread; created with O_EXCL so two starts cannot both win."""
 
   def __init__(self, model_dir: str, *, heartbeat_every: float = 30.0,
-               stale_after: float = 300.0):
-    self.path = os.path.join(model_dir, LOCK_NAME)
+               stale_after: float = 300.0, name: str = LOCK_NAME):
+    self.path = os.path.join(model_dir, name)
     self.heartbeat_every = heartbeat_every
     self.stale_after = stale_after
     self._record = {"host": socket.gethostname(), "pid": os.getpid(),
