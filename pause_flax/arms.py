@@ -8,6 +8,7 @@ the same baseline on the same seeds (docs/pause_policies.md):
   Arm("NoPause")                                         the prefix alone
   Arm("Pause", placement="append", count=20)             the paper's M_ft / M_inf
   Arm("Filler", placement="append", count=20, token="filler")
+  Arm("Repeat", placement="append", count=20, token="repeat")   the prompt's first 20 tokens
   Arm("SupervisedPause", placement="append", count=20, pause_weight=1)
   Arm("BeforeAnswer", placement=policies.BeforeMarker("="), count=20)
   Arm("Curriculum", placement="append", count=policies.Curriculum(20, 6400))
@@ -34,7 +35,7 @@ from pause_flax.data import low_confidence as low_confidence_lib
 from pause_flax.data import policies
 from pause_flax.training import adaptive as adaptive_lib
 
-TOKENS = ("pause", "filler")
+TOKENS = ("pause", "filler", "repeat")
 
 
 @gin.register(module=None)  # gin files bind `Arm`: run_control.arms = [@nopause/Arm(), ...]
@@ -49,8 +50,9 @@ class Arm:
     count: pauses per example: an int (fixed), a float (a fraction of L), a
       (lo, hi) pair, or a `policies` count (e.g. `Curriculum`); None: the
       comparison's M for the task (its `num_pauses`).
-    token: 'pause', or 'filler' (the comparison's filler text in place of
-      `<pause>`).
+    token: 'pause', 'filler' (the comparison's filler text in place of
+      `<pause>`), or 'repeat' (the prompt's own first M tokens: the same
+      extra positions with content; appended, a fixed count).
     pause_weight: > 0 trains the pause outputs on the task's `pause_targets`
       (supervised pauses; the task must have them).
     low_confidence: DIT's training (`LowConfidencePauses`); no placement then.
@@ -83,6 +85,11 @@ class Arm:
                                    self.token != "pause"):
       raise ValueError(f"Arm {self.name}: count / token / pause_weight need a placement "
                        "(e.g. placement='append').")
+    if self.token == "repeat" and not (
+        (self.placement == "append" or isinstance(self.placement, policies.Append))
+        and (self.count is None or isinstance(self.count, int)) and not self.pause_weight):
+      raise ValueError(f"Arm {self.name}: token='repeat' (a repeat of the prompt) takes "
+                       "placement='append', a fixed count and pause_weight=0.")
     if self.m_inf is not None and (isinstance(self.m_inf, bool) or
                                    not isinstance(self.m_inf, int) or self.m_inf < 0):
       raise ValueError(f"Arm {self.name}: m_inf={self.m_inf!r} must be an integer >= 0.")
@@ -137,9 +144,14 @@ def plan(arm: Arm, task: str, filler_id: int | None) -> Plan:
     return Plan(task, {}, {}, task, False, 0)
   if arm.token == "filler" and filler_id is None:
     raise ValueError(f"Arm {arm.name}: token='filler' needs the comparison's filler text.")
-  token = filler_id if arm.token == "filler" else None
   placement = policies.as_placement(arm.placement)
   m = arm.eval_pauses
+  if arm.token == "repeat":
+    # Trained and evaluated on the same variant: its prompts carry the repeat.
+    train = tasks_lib.pause_variant(task, form="finetune", placement=placement,
+                                    count=arm.count, pause_token=tasks_lib.REPEAT)
+    return Plan(train, {}, {"inputs": m}, train, True, 0)
+  token = filler_id if arm.token == "filler" else None
   train = tasks_lib.pause_variant(task, form="finetune", placement=placement, count=arm.count,
                                   pause_token=token, pause_weight=arm.pause_weight)
   room = {"inputs": max(m, _most(arm.count) or 0)}

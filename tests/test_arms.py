@@ -77,6 +77,46 @@ def test_the_comparisons_M_fills_in_a_missing_count_and_bad_arms_are_refused():
     arms.plan(arms.Arm("F", placement="append", count=2, token="filler"), TASK, None)
 
 
+def test_repeat_arm_appends_the_prompts_own_tokens_in_training_and_evaluation():
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import seqio  # pylint: disable=g-import-not-at-top
+  plan = arms.plan(arms.Arm("Repeat", placement="append", count=20, token="repeat"), TASK,
+                   None)
+  assert plan.train_task == f"{TASK}_repeat20" and plan.eval_task == plan.train_task
+  assert plan.placed_prompts and plan.m_inf == 0 and plan.extra_lengths == {"inputs": 20}
+  # No <pause> row: the vocabulary is the task's own.
+  assert tasks.get_vocabulary(plan.train_task).vocab_size == tasks.get_vocabulary(
+      TASK).vocab_size
+  lengths = {"inputs": 21 + 20, "targets": 2}
+  plain = next(seqio.get_mixture_or_task(TASK).get_dataset(
+      {"inputs": 21, "targets": 2}, split="validation", shuffle=False).as_numpy_iterator())
+  rep = next(seqio.get_mixture_or_task(plan.train_task).get_dataset(
+      lengths, split="validation", shuffle=False).as_numpy_iterator())
+  prefix = plain["inputs"]
+  assert len(prefix) == 21   # 20 bits and '='
+  np.testing.assert_array_equal(rep["inputs"], np.concatenate([prefix, prefix[:20]]))
+  np.testing.assert_array_equal(rep["targets"], plain["targets"])
+  with pytest.raises(ValueError, match="token='repeat'"):
+    arms.Arm("R", placement=policies.BeforeMarker("="), count=20, token="repeat")
+  with pytest.raises(ValueError, match="token='repeat'"):
+    arms.Arm("R", placement="append", count=(2, 6), token="repeat")
+  with pytest.raises(ValueError, match="repeat of the prompt"):
+    tasks.pause_variant(TASK, form="pretrain", pause_token=tasks.REPEAT)
+
+
+def test_a_repeat_variant_is_evaluated_on_its_own_prompts_only():
+  import jax  # pylint: disable=g-import-not-at-top
+  from pause_flax import parallel  # pylint: disable=g-import-not-at-top
+  from pause_flax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
+  name = tasks.pause_variant(TASK, form="finetune", num_pauses=4, pause_token=tasks.REPEAT)
+  mesh = parallel.make_mesh(devices=jax.devices()[:1])
+  with pytest.raises(ValueError, match="placed_prompts=True"):
+    evaluator.Evaluator(name, batch_size=4, mesh=mesh, num_examples=4)
+  ev = evaluator.Evaluator(name, batch_size=4, mesh=mesh, num_examples=4,
+                           feature_lengths={"inputs": 25, "targets": 2}, placed_prompts=True)
+  assert ev.filler_id is None and ev.task_names == [name]
+
+
 @pytest.mark.slow
 def test_policy_arms_command_runs_and_tabulates_compute_per_answer(tmp_path):
   out = str(tmp_path / "arms")
@@ -84,7 +124,7 @@ def test_policy_arms_command_runs_and_tabulates_compute_per_answer(tmp_path):
          "--gin_file=gin_configs/local/policy_arms.gin", f"--gin.CONTROL_DIR='{out}'",
          "--gin.run_control.tasks=['synthetic_parity']",
          "--gin.run_control.arms=[@nopause/Arm(), @before/Arm(), @lowconf/Arm(), "
-         "@adaptive/Arm()]",
+         "@adaptive/Arm(), @repeat/Arm()]",
          "--gin.control/Stage.steps=4", "--gin.control/Stage.warmup_steps=1",
          "--gin.control/Stage.batch_size=8", "--gin.run_control.eval_examples=16",
          "--gin.run_control.eval_batch_size=16"]
@@ -94,11 +134,14 @@ def test_policy_arms_command_runs_and_tabulates_compute_per_answer(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   with open(os.path.join(out, "results.json"), encoding="utf-8") as f:
     rows = json.load(f)["tasks"][TASK]["arms"]
-  assert sorted(rows) == ["Adaptive", "BeforeAnswer", "LowConfidence", "NoPause"]
+  assert sorted(rows) == ["Adaptive", "BeforeAnswer", "LowConfidence", "NoPause", "Repeat"]
   # BOS + 20 bits + '=' + EOS-terminated answer: the baseline's prompt is 22 tokens;
   # BeforeAnswer's holds 20 pauses more.
   assert rows["BeforeAnswer"]["tokens_processed_per_answer"] >= (
       rows["NoPause"]["tokens_processed_per_answer"] + 20 - 2)
   assert rows["BeforeAnswer"]["m_inf"] == 20 and rows["Adaptive"]["m_inf"] == 0
+  # The repeat arm's prompts carry the prompt's first 20 tokens again.
+  assert rows["Repeat"]["tokens_processed_per_answer"] >= (
+      rows["NoPause"]["tokens_processed_per_answer"] + 20 - 2)
   table = open(os.path.join(out, "results.md"), encoding="utf-8").read()
   assert "tokens per answer |" in table and "| LowConfidence | 0 |" in table

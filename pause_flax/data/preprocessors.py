@@ -320,6 +320,51 @@ def append_pauses(dataset: tf.data.Dataset,
   return _append(dataset)
 
 
+def append_prompt_repeat(dataset: tf.data.Dataset,
+                         output_features: Mapping[str, seqio.Feature] | None = None,
+                         sequence_length: Mapping[str, int] | None = None,
+                         *,
+                         num_tokens: int = 10,
+                         feature_key: str = "inputs",
+                         truncate: str = "left") -> tf.data.Dataset:
+  """Appends the prefix's own first `num_tokens` tokens to it (the repeat control).
+
+  The control for appended pauses that gives the model the same extra
+  positions filled with content instead of a constant: prefix p_1..p_n becomes
+  p_1..p_n p_1..p_M, wrapping around while M > n (an empty prefix stays
+  empty). The prefix is first cut as `append_pauses` cuts it, so the M
+  repeated tokens survive the Task's trimming to L; the repeat copies the
+  prefix that is kept.
+  """
+  del output_features
+  _check_count("num_tokens", num_tokens)
+  if truncate not in ("left", "right"):
+    raise ValueError(
+        f"truncate={truncate!r} is invalid: use 'left' (keep the end of the "
+        "prefix) or 'right' (keep its start).")
+  if num_tokens == 0:
+    return dataset
+  max_length = (sequence_length or {}).get(feature_key)
+  if max_length is not None and num_tokens >= max_length:
+    raise ValueError(
+        f"num_tokens={num_tokens} leaves no room for the prefix in {feature_key!r} of "
+        f"length {max_length}: use num_tokens < {max_length} or a longer "
+        f"sequence_length[{feature_key!r}].")
+  keep = None if max_length is None else max_length - num_tokens
+
+  @seqio.map_over_dataset
+  def _repeat(x):
+    prefix = x[feature_key]
+    if keep is not None:
+      prefix = prefix[-keep:] if truncate == "left" else prefix[:keep]
+    n = tf.size(prefix)
+    copies = tf.math.floordiv(num_tokens + n - 1, tf.maximum(n, 1))
+    repeat = tf.tile(prefix, [copies])[:num_tokens]
+    return {**x, feature_key: tf.concat([prefix, repeat], axis=0)}
+
+  return _repeat(dataset)
+
+
 def insert_pauses(dataset: tf.data.Dataset,
                   output_features: Mapping[str, seqio.Feature] | None = None,
                   sequence_length: Mapping[str, int] | None = None,

@@ -27,6 +27,9 @@ from pause_flax.vocab import PauseVocabulary
 DEFAULT_SPM_PATH = "gs://t5-data/vocabs/cc_all.32000/sentencepiece.model"
 DEFAULT_PAUSE_FRACTION = 0.1
 DEFAULT_NUM_PAUSES = 10  # M_ft for finetuning variants.
+# pause_token=REPEAT: the M appended positions repeat the prefix's first M
+# tokens (`preprocessors.append_prompt_repeat`), the content-filled control.
+REPEAT = "repeat"
 
 # {Task or Mixture name: {feature: length}}: the sequence lengths a registered
 # Task is meant for. Registration modules write it; pause variants inherit it.
@@ -47,7 +50,7 @@ class VariantSpec(NamedTuple):
   form: str                 # 'pretrain' (injected) or 'finetune' (appended)
   fraction: float | None    # pretraining: the pause fraction, or None
   num_pauses: int | None    # M (a fixed count), or None
-  pause_token: int | None   # the filler id of a filler variant; None for <pause>
+  pause_token: int | str | None   # a filler id, REPEAT, or None for <pause>
   pause_weight: int = 0     # loss weight of supervised pause outputs (0: the paper's)
   # The placement (policies.Placement), None for the form's own (uniform in
   # pretraining, appended in finetuning), and a count policy other than a
@@ -87,7 +90,8 @@ def _variant_name(base: str, form: str, fraction: float | None,
   if pause_weight:
     name = _variant_name(base, form, fraction, num_pauses, pause_token)
     return f"{name}_sup" if pause_weight == 1 else f"{name}_sup{pause_weight}"
-  kind = "pause" if pause_token is None else f"filler{pause_token}"
+  kind = ("pause" if pause_token is None else
+          "repeat" if pause_token == REPEAT else f"filler{pause_token}")
   if form == "finetune":
     return f"{base}_{kind}" if num_pauses == DEFAULT_NUM_PAUSES else (
         f"{base}_{kind}{num_pauses}")
@@ -118,7 +122,7 @@ def pause_variant(task_or_mixture_name: str, *,
                   num_pauses: int | None = None,
                   form: str = "pretrain",
                   name: str | None = None,
-                  pause_token: int | None = None,
+                  pause_token: int | str | None = None,
                   pause_weight: int = 0,
                   placement: policies.Placement | str | None = None,
                   count: policies.CountPolicy | int | float | None = None) -> str:
@@ -134,7 +138,9 @@ def pause_variant(task_or_mixture_name: str, *,
 
   With `pause_token` set, that ordinary token id (e.g. the id of '.') is
   inserted instead and vocabularies stay as they are: the filler-token
-  control. Default names are '<name>_pause' (fraction 0.1 / M = 10),
+  control. `pause_token=REPEAT` ('repeat'; finetuning, appended, a fixed M)
+  appends the prefix's own first M tokens instead ('<name>_repeat<M>'): the
+  same extra positions with content. Default names are '<name>_pause' (fraction 0.1 / M = 10),
   '<name>_pause_f0.2', '<name>_pause_n20' (pretrain) or '<name>_pause20'
   (finetune); 'filler<id>' replaces 'pause' for fillers.
 
@@ -169,6 +175,17 @@ def pause_variant(task_or_mixture_name: str, *,
         f"Set the pause count ({count!r}) or fraction ({fraction!r}) / num_pauses "
         f"({num_pauses!r}), not both.")
   key = "inputs" if form == "finetune" else "targets"
+  if pause_token == REPEAT and (form != "finetune" or pause_weight or fraction is not None
+                                or not (placement is None or policies.as_placement(
+                                    placement) == policies.default_placement(key))
+                                or not (count is None or isinstance(
+                                    policies.as_count(count), policies.Fixed))):
+    raise ValueError(
+        f"pause_token={REPEAT!r} (a repeat of the prompt) is offered in the finetuning form, "
+        "appended, with a fixed count and no pause_weight; got "
+        f"form={form!r}, placement={placement!r}, count={count!r}, pause_weight={pause_weight}.")
+  if isinstance(pause_token, str) and pause_token != REPEAT:
+    raise ValueError(f"pause_token={pause_token!r}: give a token id, {REPEAT!r} or None.")
   policy = None   # (placement, count) of a variant beyond the paper's
   if placement is not None or count is not None:
     placement = (policies.default_placement(key) if placement is None
@@ -255,6 +272,8 @@ def pause_variant(task_or_mixture_name: str, *,
     elif form == "pretrain":
       step = functools.partial(prep.inject_pauses, fraction=fraction,
                                num_pauses=num_pauses, pause_id=pause_token)
+    elif pause_token == REPEAT:
+      step = functools.partial(prep.append_prompt_repeat, num_tokens=num_pauses)
     else:
       step = functools.partial(prep.append_pauses, num_pauses=num_pauses,
                                pause_id=pause_token)

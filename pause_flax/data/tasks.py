@@ -44,7 +44,7 @@ from pause_flax.data.feature_converters import (PauseLMFeatureConverter,
 # The registry's public names are this module's: users call tasks.pause_variant.
 from pause_flax.data.adaptive import adaptive_variant  # noqa: F401
 from pause_flax.data.registry import (DEFAULT_LENGTHS, DEFAULT_NUM_PAUSES,  # noqa: F401
-                                      DEFAULT_PAUSE_FRACTION, DEFAULT_SPM_PATH,
+                                      DEFAULT_PAUSE_FRACTION, DEFAULT_SPM_PATH, REPEAT,
                                       VariantSpec, add_task,
                                       default_task_feature_lengths, filler_variant,
                                       get_vocabulary, pause_variant, training_task,

@@ -207,7 +207,11 @@ class Evaluator:
                feature_lengths: Mapping[str, int] | None = None,
                split: str = "validation", num_examples: int | None = None,
                decode: DecodeOptions = DecodeOptions(), placed_prompts: bool = False):
-    name, _, self.filler_id = standard_task(mixture_or_task_name)
+    name, _, token = standard_task(mixture_or_task_name)
+    if token == tasks_lib.REPEAT and not placed_prompts:
+      raise ValueError(f"{mixture_or_task_name!r} repeats each prompt: evaluate it with "
+                       "placed_prompts=True (its prompts carry the repeat, M_inf = 0).")
+    self.filler_id = None if token == tasks_lib.REPEAT else token
     # placed_prompts: the prompt is the pause variant's own 'inputs', pauses where
     # its placement policy put them (e.g. before a marker), not the standard
     # prefix + M_inf appended pauses; evaluate() then appends none (M_inf = 0).

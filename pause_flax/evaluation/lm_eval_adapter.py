@@ -85,12 +85,16 @@ def make_vocabulary(spec: str | seqio.Vocabulary) -> seqio.Vocabulary:
 def _task_settings(name: str) -> tuple[str, int, int | None]:
   """(standard task, its M, filler id) of a task name; pretraining variants too."""
   try:
-    return ev_lib.standard_task(name)
+    settings = ev_lib.standard_task(name)
   except ValueError:  # a pretraining (injected-pause) variant: its base Task
     spec = data_registry.variant_spec(name)
     if spec is None:
       raise
-    return spec.base, 0, spec.pause_token
+    settings = spec.base, 0, spec.pause_token
+  if settings[2] == data_registry.REPEAT:
+    raise ValueError(f"task={name!r} repeats each prompt (a control arm's variant); the "
+                     f"lm-eval adapter appends one token id: name {settings[0]!r} instead.")
+  return settings
 
 
 def _round_up(n: int, multiple: int) -> int:
