@@ -305,3 +305,17 @@ def test_a_data_iterator_saved_before_map_fusion_resumes_on_its_own_pipeline(tmp
     got = next(resumed)
     for k in want:
       np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_closing_a_data_iterator_frees_it_off_the_calling_thread():
+  import threading  # pylint: disable=g-import-not-at-top
+  import weakref  # pylint: disable=g-import-not-at-top
+  from pause_flax.data import pipeline  # pylint: disable=g-import-not-at-top
+  it = pipeline.CheckpointableIterator(_parity_batches(True))
+  next(it)
+  ref = weakref.ref(it._iterator)  # pylint: disable=protected-access
+  it.close()
+  for thread in threading.enumerate():
+    if thread.name == "tf-data-release":
+      thread.join()
+  assert ref() is None

@@ -286,6 +286,8 @@ class Checkpointer:
         except Exception as e:  # pylint: disable=broad-except
           damage = e
       if damage is not None:
+        if iterator is not None and hasattr(iterator, "close"):
+          iterator.close()   # never reused; freed without waiting
         self._quarantine(step, damage)
         continue
       if step != self.steps()[-1]:

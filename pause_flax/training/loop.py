@@ -197,7 +197,7 @@ def train(*, model_dir: str,
   # The lock comes first: opening the checkpoint manager cleans up unfinished
   # writes, which must never touch another live run's save.
   lock = _lock(model_dir)
-  ckpt = logger = None
+  ckpt = logger = data_iter = None
   try:
     ckpt = checkpointing.Checkpointer(os.path.join(model_dir, "checkpoints"),
                                       checkpoint_options)
@@ -239,6 +239,8 @@ def train(*, model_dir: str,
         logger.close()
       if lock is not None:
         lock.release()
+      if data_iter is not None:
+        data_iter.close()
 
 
 def _adaptive_task(name: str, task_feature_lengths: Mapping[str, int],
