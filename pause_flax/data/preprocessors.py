@@ -266,6 +266,30 @@ def _with_index(dataset: tf.data.Dataset) -> tf.data.Dataset:
                                  num_parallel_calls=_AUTOTUNE)
 
 
+def _prefix_room(name: str, count: int, sequence_length: Mapping[str, int] | None,
+                 feature_key: str, truncate: str) -> int | None:
+  """The prefix tokens kept so that `count` appended ones survive the trim to L
+  (None: no length given, nothing cut); checks `count` and `truncate`."""
+  _check_count(name, count)
+  if truncate not in ("left", "right"):
+    raise ValueError(
+        f"truncate={truncate!r} is invalid: use 'left' (keep the end of the "
+        "prefix) or 'right' (keep its start).")
+  max_length = (sequence_length or {}).get(feature_key)
+  if max_length is not None and count and count >= max_length:
+    raise ValueError(
+        f"{name}={count} leaves no room for the prefix in {feature_key!r} of length "
+        f"{max_length}: use {name} < {max_length} or a longer "
+        f"sequence_length[{feature_key!r}].")
+  return None if max_length is None else max_length - count
+
+
+def _cut_prefix(prefix: tf.Tensor, keep: int | None, truncate: str) -> tf.Tensor:
+  if keep is None:
+    return prefix
+  return prefix[-keep:] if truncate == "left" else prefix[:keep]
+
+
 def append_pauses(dataset: tf.data.Dataset,
                   output_features: Mapping[str, seqio.Feature] | None = None,
                   sequence_length: Mapping[str, int] | None = None,
@@ -292,28 +316,15 @@ def append_pauses(dataset: tf.data.Dataset,
     feature_key: the prefix feature.
     truncate: 'left' or 'right', the side the prefix loses tokens from.
   """
-  _check_count("num_pauses", num_pauses)
-  if truncate not in ("left", "right"):
-    raise ValueError(
-        f"truncate={truncate!r} is invalid: use 'left' (keep the end of the "
-        "prefix) or 'right' (keep its start).")
+  keep = _prefix_room("num_pauses", num_pauses, sequence_length, feature_key, truncate)
   if num_pauses == 0:
     return dataset
   pause_id = _resolve_pause_id(pause_id, output_features, feature_key,
                                "append_pauses")
-  max_length = (sequence_length or {}).get(feature_key)
-  if max_length is not None and num_pauses >= max_length:
-    raise ValueError(
-        f"num_pauses={num_pauses} leaves no room for the prefix in "
-        f"{feature_key!r} of length {max_length}: use num_pauses < {max_length} "
-        f"or a longer sequence_length[{feature_key!r}].")
-  keep = None if max_length is None else max_length - num_pauses
 
   @seqio.map_over_dataset
   def _append(x):
-    prefix = x[feature_key]
-    if keep is not None:
-      prefix = prefix[-keep:] if truncate == "left" else prefix[:keep]
+    prefix = _cut_prefix(x[feature_key], keep, truncate)
     pauses = tf.fill([num_pauses], tf.cast(pause_id, prefix.dtype))
     return {**x, feature_key: tf.concat([prefix, pauses], axis=0)}
 
@@ -337,26 +348,13 @@ def append_prompt_repeat(dataset: tf.data.Dataset,
   prefix that is kept.
   """
   del output_features
-  _check_count("num_tokens", num_tokens)
-  if truncate not in ("left", "right"):
-    raise ValueError(
-        f"truncate={truncate!r} is invalid: use 'left' (keep the end of the "
-        "prefix) or 'right' (keep its start).")
+  keep = _prefix_room("num_tokens", num_tokens, sequence_length, feature_key, truncate)
   if num_tokens == 0:
     return dataset
-  max_length = (sequence_length or {}).get(feature_key)
-  if max_length is not None and num_tokens >= max_length:
-    raise ValueError(
-        f"num_tokens={num_tokens} leaves no room for the prefix in {feature_key!r} of "
-        f"length {max_length}: use num_tokens < {max_length} or a longer "
-        f"sequence_length[{feature_key!r}].")
-  keep = None if max_length is None else max_length - num_tokens
 
   @seqio.map_over_dataset
   def _repeat(x):
-    prefix = x[feature_key]
-    if keep is not None:
-      prefix = prefix[-keep:] if truncate == "left" else prefix[:keep]
+    prefix = _cut_prefix(x[feature_key], keep, truncate)
     n = tf.size(prefix)
     copies = tf.math.floordiv(num_tokens + n - 1, tf.maximum(n, 1))
     repeat = tf.tile(prefix, [copies])[:num_tokens]
