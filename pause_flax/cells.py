@@ -121,6 +121,7 @@ def run_cell(cell: str, model_dir: str, *, train: Callable[[], list[dict]],
 # -- worker processes ------------------------------------------------------------
 
 WORKER_ENV = "PAUSE_FLAX_CELL_WORKER"  # set in the worker processes run_workers starts
+EXIT_STOPPED = 75  # as loop.EXIT_PREEMPTED: interrupted, state saved, rerun to resume
 
 
 def in_worker() -> bool:
@@ -156,7 +157,8 @@ def run_workers(workers: int, module: str, job: Mapping[str, Any], log_dir: str,
   them); its output goes to `log_dir`/worker<i>.log. The workers share
   `cells` through the cells' claims. Progress (cells written) is logged every
   minute. SIGTERM or Ctrl-C here is passed on to the workers (which save a
-  checkpoint and stop); a worker that fails raises RuntimeError naming its log.
+  checkpoint and stop), then this process exits with EXIT_STOPPED (75); a
+  worker that fails raises RuntimeError naming its log.
   """
   os.makedirs(log_dir, exist_ok=True)
   job_path = os.path.join(log_dir, "job.pkl")
@@ -197,6 +199,10 @@ def run_workers(workers: int, module: str, job: Mapping[str, Any], log_dir: str,
         done = sum(os.path.exists(c) for c in cells)
         logging.info("%d of %d %s written (%d workers running).", done, len(cells), what,
                      sum(p.poll() is None for p in procs))
+  except KeyboardInterrupt as e:
+    stopped = str(e) or "SIGINT"
+  else:
+    stopped = None
   finally:
     if old is not None:
       signal.signal(signal.SIGTERM, old)
@@ -209,6 +215,10 @@ def run_workers(workers: int, module: str, job: Mapping[str, Any], log_dir: str,
       except subprocess.TimeoutExpired:
         p.kill()
         p.wait()
+  if stopped is not None:
+    logging.warning("Stopped by %s: the workers saved their runs' checkpoints; rerun the same "
+                    "command to resume.", stopped)
+    raise SystemExit(EXIT_STOPPED)
   failed = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode != 0]
   if failed:
     i, code = failed[0]

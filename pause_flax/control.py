@@ -101,6 +101,7 @@ def run_control(control_dir: str, *, model_config: transformer_lib.TransformerCo
                 supervised_min: float | Mapping[str, float] = SUPERVISED_MIN,
                 baseline_max: float | Mapping[str, float] = BASELINE_MAX,
                 keep_checkpoints: bool = False, workers: int = 1,
+                feature_lengths: Mapping[str, Mapping[str, int]] | None = None,
                 mesh: jax.sharding.Mesh | None = None) -> dict:
   """Runs (or completes) the control and writes results.md / results.json.
 
@@ -112,6 +113,8 @@ def run_control(control_dir: str, *, model_config: transformer_lib.TransformerCo
   tables here. On a few cores the runs of a small model are faster side by side
   than one after another; results equal a one-process run's up to XLA:CPU's
   thread-count-dependent rounding (docs/supervised_pauses.md).
+  `feature_lengths` ({task: {feature: length}}) replaces a task's default
+  lengths (before the room each arm adds for its pauses), e.g. to cut padding.
   """
   from pause_flax.data import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
   from pause_flax.evaluation import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
@@ -120,6 +123,11 @@ def run_control(control_dir: str, *, model_config: transformer_lib.TransformerCo
   if len(seeds) < 3 or len(set(seeds)) != len(seeds):
     raise ValueError(f"seeds={list(seeds)}: give at least three distinct seeds.")
   m = dict(num_pauses) if isinstance(num_pauses, Mapping) else {t: num_pauses for t in tasks}
+  feature_lengths = {t: dict(v) for t, v in (feature_lengths or {}).items()}
+  unknown = sorted(set(feature_lengths) - set(tasks))
+  if unknown:
+    raise ValueError(f"run_control.feature_lengths names {unknown}, which are not in "
+                     f"run_control.tasks={list(tasks)}.")
   worker = cells_lib.in_worker()
   if not worker and cells_lib.check_workers(workers, "run_control.workers") > 1:
     job = dict(control_dir=control_dir, model_config=model_config, tasks=list(tasks),
@@ -127,7 +135,7 @@ def run_control(control_dir: str, *, model_config: transformer_lib.TransformerCo
                arms=list(arms), filler_text=filler_text, eval_batch_size=eval_batch_size,
                eval_examples=eval_examples, confidence=confidence,
                supervised_min=supervised_min, baseline_max=baseline_max,
-               keep_checkpoints=keep_checkpoints)
+               keep_checkpoints=keep_checkpoints, feature_lengths=feature_lengths)
     os.makedirs(control_dir, exist_ok=True)
     cells_lib.run_workers(
         workers, "pause_flax.control", job, os.path.join(control_dir, "workers"),
@@ -142,7 +150,8 @@ def run_control(control_dir: str, *, model_config: transformer_lib.TransformerCo
     filler_ids = tasks_lib.get_vocabulary(task).encode(filler_text)
     if len(filler_ids) != 1:
       raise ValueError(f"filler_text={filler_text!r} is not one token in {task}'s vocabulary.")
-    base_lengths = dict(tasks_lib.default_task_feature_lengths(task))
+    base_lengths = feature_lengths.get(task) or dict(
+        tasks_lib.default_task_feature_lengths(task))
     supported = task_arms(task, arm_list)
     for arm in (a.with_count(m[task]) for a in arm_list if a.name in supported):
       p = arms_lib.plan(arm, task, filler_ids[0])
