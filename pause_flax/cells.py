@@ -154,7 +154,7 @@ def run_workers(workers: int, module: str, job: Mapping[str, Any], log_dir: str,
   (`gin.config_str()`), which the worker parses before it starts. Worker i is
   pinned to every `workers`-th of this process's CPU cores, starting at the
   i-th, so the workers do not share cores (XLA:CPU sizes its thread pool by
-  them); its output goes to `log_dir`/worker<i>.log. The workers share
+  them); its output is added to `log_dir`/worker<i>.log. The workers share
   `cells` through the cells' claims. Progress (cells written) is logged every
   minute. SIGTERM or Ctrl-C here is passed on to the workers (which save a
   checkpoint and stop), then this process exits with EXIT_STOPPED (75); a
@@ -172,7 +172,10 @@ def run_workers(workers: int, module: str, job: Mapping[str, Any], log_dir: str,
   for i in range(workers):
     log_path = os.path.join(log_dir, f"worker{i}.log")
     logs.append(log_path)
-    with open(log_path, "w", encoding="utf-8") as log:
+    with open(log_path, "a", encoding="utf-8") as log:   # a rerun's workers add to it
+      started = time.strftime("%Y-%m-%d %H:%M:%S")
+      log.write(f"=== worker {i} of {workers} started {started} ===\n")
+      log.flush()
       procs.append(subprocess.Popen(
           [sys.executable, "-m", module, f"--worker_job={job_path}"], stdout=log,
           stderr=subprocess.STDOUT, env=env,
