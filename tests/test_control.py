@@ -120,6 +120,15 @@ def test_a_dead_processs_claim_is_taken_over(tmp_path):
   assert calls == ["train"]
 
 
+def test_per_task_lengths_must_name_registered_tasks(tmp_path):
+  from pause_flax import cells  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="run_control.feature_lengths: .*'synthetic_cuont'.*"
+                                       "synthetic_count"):
+    control.run_control(str(tmp_path), model_config=None,
+                        tasks=["synthetic_parity"], stage=cells.Stage(1, 8, 1e-3), seeds=[0, 1, 2],
+                        num_pauses=4, feature_lengths={"synthetic_cuont": {"inputs": 8}})
+
+
 def test_worker_counts_are_checked():
   from pause_flax import cells  # pylint: disable=g-import-not-at-top
   cores = len(os.sched_getaffinity(0))
