@@ -116,6 +116,8 @@ def run_control(control_dir: str, *, model_config: transformer_lib.TransformerCo
   `feature_lengths` ({task: {feature: length}}) replaces a task's default
   lengths (before the room each arm adds for its pauses), e.g. to cut padding.
   """
+  # A worker gets these same arguments (all but the mesh, which it makes itself).
+  job = {k: v for k, v in locals().items() if k != "mesh"}
   from pause_flax.data import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
   from pause_flax.evaluation import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
 
@@ -132,12 +134,6 @@ def run_control(control_dir: str, *, model_config: transformer_lib.TransformerCo
       raise ValueError(f"run_control.feature_lengths: {e}") from None
   worker = cells_lib.in_worker()
   if not worker and cells_lib.check_workers(workers, "run_control.workers") > 1:
-    job = dict(control_dir=control_dir, model_config=model_config, tasks=list(tasks),
-               stage=stage, seeds=list(seeds), num_pauses=m, pause_weight=pause_weight,
-               arms=list(arms), filler_text=filler_text, eval_batch_size=eval_batch_size,
-               eval_examples=eval_examples, confidence=confidence,
-               supervised_min=supervised_min, baseline_max=baseline_max,
-               keep_checkpoints=keep_checkpoints, feature_lengths=feature_lengths)
     os.makedirs(control_dir, exist_ok=True)
     cells_lib.run_workers(
         workers, "pause_flax.control", job, os.path.join(control_dir, "workers"),
