@@ -63,28 +63,115 @@ def blocked_causal_attention(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxK
   logits at the same large negative), but a block of queries multiplies only
   the keys up to its own end. `block_len` defaults to max(64, ceil(L / 8));
   one block is plain causal attention.
+
+  q, k and v are laid out head-major ([B, K, G, L, H], [B, K, L, H]) once, not
+  once per block, and the gradient is written out (`_blocked_bwd`): it keeps
+  each block's probabilities and reduces dO * O over H for the softmax's
+  gradient, where autodiff would reduce dP * P over the keys of every block.
   """
+  l = q_BxLxNxH.shape[1]
+  c = block_len or max(64, -(-l // 8))
+  if mask_Bx1xLxL is None:
+    return _blocked(c, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH)
+  return _blocked_masked(c, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xLxL)
+
+
+# jax.nn's masked-logit value: finite, so a fully masked row averages its values.
+_LARGE_NEGATIVE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def _blocks(length: int, block_len: int) -> list[tuple[int, int]]:
+  return [(start, min(start + block_len, length)) for start in range(0, length, block_len)]
+
+
+def _allowed(start: int, end: int, mask_Bx1xLxL: jax.Array | None) -> jax.Array:
+  """[T, S] (or [B, 1, 1, T, S] with a mask): which keys a block's queries see."""
+  allowed_TxS = jnp.arange(start, end)[:, None] >= jnp.arange(end)[None, :]
+  if mask_Bx1xLxL is None:
+    return allowed_TxS
+  return allowed_TxS & mask_Bx1xLxL[:, :, None, start:end, :end]
+
+
+def _blocked_fwd(block_len, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xLxL=None):
   with jax.named_scope(SCOPE):
     b, l, n, h = q_BxLxNxH.shape
     kh = k_BxLxKxH.shape[2]
-    c = block_len or max(64, -(-l // 8))
     dtype = q_BxLxNxH.dtype
-    q_BxLxKxGxH = q_BxLxNxH.reshape(b, l, kh, n // kh, h)
-    k_BxLxKxH, v_BxLxKxH = k_BxLxKxH.astype(dtype), v_BxLxKxH.astype(dtype)
-    # jax.nn's masked-logit value: finite, so a fully masked row averages its values.
-    large_negative = -0.7 * float(jnp.finfo(jnp.float32).max)
-    outs = []
-    for start in range(0, l, c):
-      end = min(start + c, l)
-      logits_BxKxGxTxS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BxLxKxGxH[:, start:end],
-                                    k_BxLxKxH[:, :end], preferred_element_type=jnp.float32)
-      allowed_TxS = jnp.arange(start, end)[:, None] >= jnp.arange(end)[None, :]  # causal
-      if mask_Bx1xLxL is not None:
-        allowed_TxS = allowed_TxS & mask_Bx1xLxL[:, :, None, start:end, :end]
-      logits_BxKxGxTxS = jnp.where(allowed_TxS, logits_BxKxGxTxS * (h ** -0.5), large_negative)
-      probs_BxKxGxTxS = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(dtype)
-      outs.append(jnp.einsum("BKGTS,BSKH->BTKGH", probs_BxKxGxTxS, v_BxLxKxH[:, :end]))
-    return jnp.concatenate(outs, axis=1).reshape(b, l, n, h)
+    q_BxKxGxLxH = jnp.transpose(q_BxLxNxH.reshape(b, l, kh, n // kh, h), (0, 2, 3, 1, 4))
+    k_BxKxLxH = jnp.transpose(k_BxLxKxH.astype(dtype), (0, 2, 1, 3))
+    v_BxKxLxH = jnp.transpose(v_BxLxKxH.astype(dtype), (0, 2, 1, 3))
+    probs, outs = [], []
+    for start, end in _blocks(l, block_len):
+      logits_BxKxGxTxS = jnp.einsum("BKGTH,BKSH->BKGTS", q_BxKxGxLxH[:, :, :, start:end],
+                                    k_BxKxLxH[:, :, :end], preferred_element_type=jnp.float32)
+      logits_BxKxGxTxS = jnp.where(_allowed(start, end, mask_Bx1xLxL),
+                                   logits_BxKxGxTxS * (h ** -0.5), _LARGE_NEGATIVE)
+      probs_BxKxGxTxS = jax.nn.softmax(logits_BxKxGxTxS, axis=-1)
+      probs.append(probs_BxKxGxTxS)
+      outs.append(jnp.einsum("BKGTS,BKSH->BKGTH", probs_BxKxGxTxS.astype(dtype),
+                             v_BxKxLxH[:, :, :end]))
+    out_BxKxGxLxH = jnp.concatenate(outs, axis=3)
+    out_BxLxNxH = jnp.transpose(out_BxKxGxLxH, (0, 3, 1, 2, 4)).reshape(b, l, n, h)
+    # Empty arrays carry k's and v's own dtypes to the gradient.
+    residuals = (q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, probs, out_BxKxGxLxH, mask_Bx1xLxL,
+                 jnp.zeros((0,), k_BxLxKxH.dtype), jnp.zeros((0,), v_BxLxKxH.dtype))
+    return out_BxLxNxH, residuals
+
+
+def _blocked_bwd(block_len, residuals, dout_BxLxNxH):
+  """dS = P * (dP - rowsum(dO * O)), block by block; dK, dV summed over the query blocks."""
+  with jax.named_scope(SCOPE):
+    (q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, probs, out_BxKxGxLxH, mask_Bx1xLxL,
+     k_like, v_like) = residuals
+    b, kh, g, l, h = q_BxKxGxLxH.shape
+    dtype = q_BxKxGxLxH.dtype
+    f32 = jnp.float32
+    dout_BxKxGxLxH = jnp.transpose(dout_BxLxNxH.reshape(b, l, kh, g, h), (0, 2, 3, 1, 4))
+    rowsum_BxKxGxLx1 = jnp.sum(dout_BxKxGxLxH.astype(f32) * out_BxKxGxLxH.astype(f32),
+                               axis=-1, keepdims=True)
+    dk_BxKxLxH = jnp.zeros(k_BxKxLxH.shape, f32)
+    dv_BxKxLxH = jnp.zeros(v_BxKxLxH.shape, f32)
+    dqs = []
+    for (start, end), probs_BxKxGxTxS in zip(_blocks(l, block_len), probs):
+      dout_BxKxGxTxH = dout_BxKxGxLxH[:, :, :, start:end]
+      dprobs_BxKxGxTxS = jnp.einsum("BKGTH,BKSH->BKGTS", dout_BxKxGxTxH,
+                                    v_BxKxLxH[:, :, :end], preferred_element_type=f32)
+      dlogits_BxKxGxTxS = jnp.where(
+          _allowed(start, end, mask_Bx1xLxL),
+          probs_BxKxGxTxS * (dprobs_BxKxGxTxS - rowsum_BxKxGxLx1[:, :, :, start:end])
+          * (h ** -0.5), 0.0).astype(dtype)
+      dqs.append(jnp.einsum("BKGTS,BKSH->BKGTH", dlogits_BxKxGxTxS, k_BxKxLxH[:, :, :end],
+                            preferred_element_type=f32))
+      dk_BxKxLxH = dk_BxKxLxH.at[:, :, :end].add(jnp.einsum(
+          "BKGTS,BKGTH->BKSH", dlogits_BxKxGxTxS, q_BxKxGxLxH[:, :, :, start:end],
+          preferred_element_type=f32))
+      dv_BxKxLxH = dv_BxKxLxH.at[:, :, :end].add(jnp.einsum(
+          "BKGTS,BKGTH->BKSH", probs_BxKxGxTxS.astype(dtype), dout_BxKxGxTxH,
+          preferred_element_type=f32))
+    dq_BxLxNxH = jnp.transpose(jnp.concatenate(dqs, axis=3), (0, 3, 1, 2, 4)).reshape(
+        b, l, kh * g, h)
+    return (dq_BxLxNxH.astype(dtype), jnp.transpose(dk_BxKxLxH, (0, 2, 1, 3)).astype(k_like.dtype),
+            jnp.transpose(dv_BxKxLxH, (0, 2, 1, 3)).astype(v_like.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _blocked(block_len, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH):
+  return _blocked_fwd(block_len, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH)[0]
+
+
+_blocked.defvjp(_blocked_fwd, _blocked_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _blocked_masked(block_len, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xLxL):
+  return _blocked_fwd(block_len, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xLxL)[0]
+
+
+def _blocked_masked_bwd(block_len, residuals, dout_BxLxNxH):
+  return (*_blocked_bwd(block_len, residuals, dout_BxLxNxH), None)
+
+
+_blocked_masked.defvjp(_blocked_fwd, _blocked_masked_bwd)
 
 
 def _mlp_hidden(activation: Callable[[jax.Array], jax.Array], a_BxLxF: jax.Array,
