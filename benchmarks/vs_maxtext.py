@@ -2,7 +2,7 @@
 
 Model (MaxText's default LLAMA2 block, pause_flax's `bench_4l`): 4 decoder
 layers, d_model 256, 4 heads of 64, gated SiLU MLP 1024, untied output
-projection, vocabulary 32000; sequence length 256, global batch 8, float32,
+projection, vocabulary 32000; sequence length 256, global batch 8 (--batch), float32,
 synthetic data, AdamW. Each framework runs in its own process, on one device
 and on two simulated host devices with data parallelism (MaxText's best CPU
 setting); every round runs all settings, in a rotated order. A run compiles,
@@ -45,7 +45,7 @@ import zipfile
 
 MAXTEXT_VERSION = '0.2.5'
 REQUIREMENTS = 'dependencies/requirements/generated_requirements/decoupled-requirements.txt'
-BATCH = 8
+BATCH = 8  # global batch, --batch
 # bench_4l (gated SiLU MLP, untied head, float32), sequence length 256.
 DEFAULT_SHAPE = dict(layers=4, d_model=256, heads=4, kv_heads=None, head_dim=64, mlp=1024,
                      vocab=32000, seq=256)
@@ -60,8 +60,11 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument('--steps', type=int, default=30, help='timed steps per run')
   parser.add_argument('--warmup', type=int, default=3, help='untimed steps after compiling')
   parser.add_argument('--cache_dir', default=os.path.expanduser('~/.cache/pause_flax_bench'))
-  parser.add_argument('--loss_chunk_len', type=int, default=32,
-                      help='pause_flax StepOptions.loss_chunk_len (0: plain logits path)')
+  parser.add_argument('--batch', type=int, default=BATCH,
+                      help='global batch (split over the devices of a 2-device run)')
+  parser.add_argument('--loss_chunk_len', type=_chunk_len, default='auto',
+                      help="pause_flax StepOptions.loss_chunk_len: positions, 'auto' (the "
+                      'default) or 0 (the plain logits path)')
   parser.add_argument('--shape', default='',
                       help='model shape, KEY=VALUE,... over ' + ', '.join(DEFAULT_SHAPE)
                       + " (default bench_4l's, sequence 256)")
@@ -74,7 +77,17 @@ def parse_args() -> argparse.Namespace:
     args.model_shape = parse_shape(args.shape)
   except ValueError as e:
     parser.error(str(e))
+  if args.batch < 1 or args.batch % 2 and any(s.endswith(':2') for s in args.settings.split(',')):
+    parser.error(f'--batch={args.batch}: use a positive batch, even for the 2-device settings.')
   return args
+
+
+def _chunk_len(text: str) -> int | str:
+  if text == 'auto':
+    return text
+  if not text.isdigit():
+    raise argparse.ArgumentTypeError(f"{text!r}: use a number of positions, 'auto' or 0")
+  return int(text)
 
 
 def parse_shape(text: str) -> dict[str, int]:
@@ -145,7 +158,7 @@ def dry_run(args: argparse.Namespace) -> None:
   config = pause_flax_config(shape)
   model = nnx.eval_shape(lambda: transformer.Transformer(config, rngs=nnx.Rngs(0)))
   params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  print(f'shape: {shape_arg(shape)}; batch {BATCH}')
+  print(f'shape: {shape_arg(shape)}; batch {args.batch}')
   print(f'pause_flax: {config}')
   print(f'pause_flax: {params / 1e6:.2f}M parameter values (padded vocabulary '
         f'{config.padded_vocab_size}), {transformer.flops_per_token(config, shape["seq"]) / 1e6:.1f} '
@@ -159,7 +172,7 @@ def dry_run(args: argparse.Namespace) -> None:
           '"mlp_activations", "logits_via_embedding", "dtype")})')
   out = subprocess.run([python, '-c', code, _maxtext_base_yml(python), 'run_name=dry_run',
                         'hardware=cpu', 'dataset_type=synthetic', 'enable_checkpointing=false',
-                        f'per_device_batch_size={BATCH}', *overrides],
+                        f'per_device_batch_size={args.batch}', *overrides],
                        env=_maxtext_env(), capture_output=True, text=True)
   if out.returncode:
     sys.stderr.write((out.stdout + out.stderr)[-3000:])
@@ -215,7 +228,7 @@ def run_maxtext(python: str, devices: int, args: argparse.Namespace, run: str) -
   base_yml = _maxtext_base_yml(python)
   seq = args.model_shape['seq']
   env = _maxtext_env()
-  overrides = [f'per_device_batch_size={BATCH // devices}']
+  overrides = [f'per_device_batch_size={args.batch // devices}']
   if devices > 1:
     env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
     overrides += [f'ici_data_parallelism={devices}', 'ici_fsdp_parallelism=1']
@@ -231,7 +244,7 @@ def run_maxtext(python: str, devices: int, args: argparse.Namespace, run: str) -
   if out.returncode or None in timed:
     sys.stderr.write((out.stdout + out.stderr)[-5000:])
     raise SystemExit(f'MaxText run failed (exit {out.returncode}).')
-  return args.steps * BATCH * seq / sum(timed)
+  return args.steps * args.batch * seq / sum(timed)
 
 
 # ---------------------------------------------------------------------------
@@ -252,7 +265,7 @@ def pause_flax_worker(args: argparse.Namespace) -> None:
   options = trainer.StepOptions(loss_chunk_len=args.loss_chunk_len or None)
   step = trainer.Trainer(config, optimizer.make_optimizer(optimizer.make_schedule(1e-4, 10**6)),
                          mesh, options=options)
-  (rate,), _ = step_timing.tokens_per_second(step, BATCH, seq, warmup=1 + args.warmup,
+  (rate,), _ = step_timing.tokens_per_second(step, args.batch, seq, warmup=1 + args.warmup,
                                              steps=args.steps, repeats=1)
   print(json.dumps({'tokens_per_s': rate}))
 
@@ -262,7 +275,8 @@ def run_pause_flax(devices: int, args: argparse.Namespace) -> float:
              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
   cmd = [sys.executable, os.path.abspath(__file__), '--worker', f'--devices={devices}',
          f'--steps={args.steps}', f'--warmup={args.warmup}',
-         f'--loss_chunk_len={args.loss_chunk_len}', f'--shape={shape_arg(args.model_shape)}']
+         f'--loss_chunk_len={args.loss_chunk_len}', f'--shape={shape_arg(args.model_shape)}',
+         f'--batch={args.batch}']
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env['PYTHONPATH'] = os.pathsep.join(filter(None, [repo, env.get('PYTHONPATH')]))
   out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=repo)
@@ -314,7 +328,8 @@ def main() -> None:
   print(f'\n{os.cpu_count()} CPUs, load average {min(loads):.1f}-{max(loads):.1f} during runs; '
         f'f32 matmul peak {peak / 1e9:.0f} GFLOP/s (measurements '
         + ', '.join(f'{p / 1e9:.0f}' for p in peaks) + f'); {flops / 1e6:.1f} MFLOP/token; '
-        f'{args.rounds} rounds x {args.steps} steps; shape {shape_arg(args.model_shape)}')
+        f'{args.rounds} rounds x {args.steps} steps; shape {shape_arg(args.model_shape)}, '
+        f'batch {args.batch}')
   print('| framework | devices | tokens/s (median) | min-max | MFU |')
   print('| --- | ---: | ---: | ---: | ---: |')
   median = {s: statistics.median(v) for s, v in rates.items()}

@@ -107,10 +107,34 @@ def test_only_the_loss_has_a_gradient():
   assert not np.any(dh_BxLxD)
 
 
-def test_rejects_bad_chunk_len():
+@pytest.mark.parametrize("bad", [0, -3, "big", 2.5, True])
+def test_rejects_bad_chunk_len(bad):
   h, head, targets, weights = _inputs()
   with pytest.raises(ValueError, match="chunk_len"):
-    _fused(h, head, targets, weights, 0.0, 0)
+    _fused(h, head, targets, weights, 0.0, bad)
+
+
+def test_auto_chunk_len():
+  """'auto' chunks ~AUTO_CHUNK_ROWS rows of a batch shard; the sums equal a fixed chunk's."""
+  rows = loss_lib.AUTO_CHUNK_ROWS
+  assert loss_lib.auto_chunk_len(8, 1, 256) == rows // 8
+  assert loss_lib.auto_chunk_len(8, 2, 256) == rows // 4      # per batch shard
+  assert loss_lib.auto_chunk_len(1, 1, 100) == 100            # never past the length
+  assert loss_lib.auto_chunk_len(4 * rows, 1, 64) == 1        # at least one position
+  h, head, targets, weights = _inputs()
+  auto = _fused(h, head, targets, weights, 1e-2, "auto")
+  fixed = _fused(h, head, targets, weights, 1e-2, loss_lib.auto_chunk_len(B, 1, L))
+  for name in loss_lib.LossSums._fields:
+    np.testing.assert_array_equal(getattr(auto, name), getattr(fixed, name), err_msg=name)
+
+
+@pytest.mark.parametrize("bad", [0, "fast", 1.5])
+def test_trainer_rejects_bad_loss_chunk_len(bad):
+  config = transformer.model_config("tiny")
+  mesh = parallel.make_mesh(data=1, fsdp=1, devices=jax.devices()[:1])
+  with pytest.raises(ValueError, match=r"StepOptions.loss_chunk_len=.*'auto'"):
+    trainer.Trainer(config, optimizer.make_optimizer(1e-2), mesh,
+                    options=trainer.StepOptions(loss_chunk_len=bad))
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -124,7 +148,7 @@ def test_trainer_step_equals_plain_logits_path(tie, data):
   batch = {"decoder_input_tokens": tokens[:, :-1], "decoder_target_tokens": tokens[:, 1:],
            "decoder_loss_weights": (rng.random((4, 16)) > 0.2).astype(np.float32)}
   results = []
-  for chunk_len in (None, 5):
+  for chunk_len in (None, 5, "auto"):
     step = trainer.Trainer(
         config, optimizer.make_optimizer(1e-2, eps=1e-3), mesh,
         options=trainer.StepOptions(z_loss=1e-3, loss_chunk_len=chunk_len))
@@ -132,12 +156,13 @@ def test_trainer_step_equals_plain_logits_path(tie, data):
     for _ in range(2):
       state, metrics = step.train_step(state, jax.device_put(batch, step.batch_sharding))
     results.append((jax.device_get(metrics), jax.device_get(state.params)))
-  (metrics_plain, params_plain), (metrics_fused, params_fused) = results
-  for name in ("loss", "cross_entropy", "z_loss", "accuracy", "grad_norm"):
-    np.testing.assert_allclose(metrics_fused[name], metrics_plain[name], rtol=1e-5,
-                               err_msg=name)
-  for a, b in zip(jax.tree.leaves(params_plain), jax.tree.leaves(params_fused)):
-    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+  (metrics_plain, params_plain), *fused = results
+  for metrics_fused, params_fused in fused:
+    for name in ("loss", "cross_entropy", "z_loss", "accuracy", "grad_norm"):
+      np.testing.assert_allclose(metrics_fused[name], metrics_plain[name], rtol=1e-5,
+                                 err_msg=name)
+    for a, b in zip(jax.tree.leaves(params_plain), jax.tree.leaves(params_fused)):
+      np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
 
 
 def test_trainer_step_cpu_kernels_equal_xla_kernels():

@@ -21,6 +21,25 @@ from pause_flax.model.transformer import PAD_LOGIT
 from pause_flax.parallel import constrain
 
 
+# chunk_len="auto": chunks of about this many rows (one batch shard's rows x
+# positions); benchmarks/README.md has the measurements behind it.
+AUTO_CHUNK_ROWS = 256
+
+
+def auto_chunk_len(batch_size: int, batch_shards: int, seq_len: int) -> int:
+  """Positions per chunk for ~AUTO_CHUNK_ROWS rows of a batch shard (1 to seq_len)."""
+  rows_per_position = max(1, batch_size // batch_shards)
+  return max(1, min(seq_len, AUTO_CHUNK_ROWS // rows_per_position))
+
+
+def _chunk_len(chunk_len: int | str, h_BxLxD: jax.Array, batch_shards: int) -> int:
+  if chunk_len == "auto":
+    return auto_chunk_len(h_BxLxD.shape[0], batch_shards, h_BxLxD.shape[1])
+  if isinstance(chunk_len, bool) or not isinstance(chunk_len, int) or chunk_len < 1:
+    raise ValueError(f"chunk_len={chunk_len!r} must be an int >= 1 or 'auto'.")
+  return chunk_len
+
+
 class LossSums(NamedTuple):
   """Sums over a (micro-)batch; divide by `weight` for means."""
   loss: jax.Array      # sum(w * (CE + z_loss * log(Z)^2))
@@ -209,15 +228,14 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 def fused_token_cross_entropy(h_BxLxD: jax.Array, head_VxD: jax.Array,
                               targets_BxL: jax.Array, weights_BxL: jax.Array, *,
-                              vocab_size: int | None = None, chunk_len: int = 32,
+                              vocab_size: int | None = None, chunk_len: int | str = "auto",
                               batch_shards: int = 1, vocab_major: bool = False) -> jax.Array:
   """`token_cross_entropy(h @ head.T, ...)`, a chunk of positions at a time.
 
   The forward half of `fused_cross_entropy_sums` (same arguments), returning
   the per-target terms instead of their sums; no gradient is defined.
   """
-  if chunk_len < 1:
-    raise ValueError(f"chunk_len={chunk_len} must be >= 1.")
+  chunk_len = _chunk_len(chunk_len, h_BxLxD, batch_shards)
   vocab_size = head_VxD.shape[0] if vocab_size is None else vocab_size
   (ce_BxL, _, _), _ = _fused_scan(
       jax.lax.stop_gradient(h_BxLxD), jax.lax.stop_gradient(head_VxD), targets_BxL,
@@ -228,7 +246,7 @@ def fused_token_cross_entropy(h_BxLxD: jax.Array, head_VxD: jax.Array,
 
 def fused_cross_entropy_sums(h_BxLxD: jax.Array, head_VxD: jax.Array, targets_BxL: jax.Array,
                              weights_BxL: jax.Array, z_loss: float = 0.0, *,
-                             vocab_size: int | None = None, chunk_len: int = 32,
+                             vocab_size: int | None = None, chunk_len: int | str = "auto",
                              batch_shards: int = 1,
                              vocab_major: bool = False) -> LossSums:
   """`cross_entropy_sums(h @ head.T, ...)` without materialising the [B, L, V] logits.
@@ -240,7 +258,8 @@ def fused_cross_entropy_sums(h_BxLxD: jax.Array, head_VxD: jax.Array, targets_Bx
   computed in the forward pass, one chunk of `chunk_len` positions at a time
   (logits, softmax and their gradient stay chunk-sized; the output matrix is
   multiplied three times per chunk, as the plain path's forward and backward
-  do once each). Only `loss` carries a gradient (w.r.t. h, head and weights);
+  do once each; "auto" chunks `auto_chunk_len` positions, about
+  AUTO_CHUNK_ROWS rows of a batch shard). Only `loss` carries a gradient (w.r.t. h, head and weights);
   ce, z, correct and weight are statistics. `batch_shards` is how many ways the
   batch is sharded (a divisor of B); under `parallel.activation_sharding` the
   per-shard partial d head stays on its devices until one final reduction.
@@ -249,10 +268,9 @@ def fused_cross_entropy_sums(h_BxLxD: jax.Array, head_VxD: jax.Array, targets_Bx
   `kernels.loss_vocab_major`; figures in benchmarks/README.md). The sums and
   gradients are the same either way.
   """
-  if chunk_len < 1:
-    raise ValueError(f"chunk_len={chunk_len} must be >= 1.")
   if batch_shards < 1 or h_BxLxD.shape[0] % batch_shards:
     raise ValueError(f"batch_shards={batch_shards} must divide the batch {h_BxLxD.shape[0]}.")
+  chunk_len = _chunk_len(chunk_len, h_BxLxD, batch_shards)
   vocab_size = head_VxD.shape[0] if vocab_size is None else vocab_size
   sums = _fused(h_BxLxD, head_VxD, targets_BxL, weights_BxL, float(z_loss), vocab_size,
                 chunk_len, batch_shards, bool(vocab_major))

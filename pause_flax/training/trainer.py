@@ -46,8 +46,9 @@ class StepOptions:
   z_loss: float = 0.0
   pause_id: int | None = None        # the pause-input count metric; DIT's pause id
   # Output projection + cross-entropy fused, `loss_chunk_len` positions at a
-  # time (loss.fused_cross_entropy_sums); None materialises [B, L, V] logits.
-  loss_chunk_len: int | None = 32
+  # time (loss.fused_cross_entropy_sums); "auto": about loss.AUTO_CHUNK_ROWS
+  # rows of a batch shard per chunk; None materialises [B, L, V] logits.
+  loss_chunk_len: int | str | None = "auto"
   # Catch Your Breath: the CYB loss over unrolled pause groups (batches carry
   # `decoder_pause_steps`) with the output class `ask_id`; None: cross-entropy.
   adaptive: adaptive_lib.AdaptivePauses | None = None
@@ -67,8 +68,10 @@ class Trainer:
                options: StepOptions = StepOptions()):
     if options.accum_steps < 1:
       raise ValueError(f"accum_steps={options.accum_steps} must be >= 1.")
-    if options.loss_chunk_len is not None and options.loss_chunk_len < 1:
-      raise ValueError(f"loss_chunk_len={options.loss_chunk_len} must be >= 1 or None.")
+    chunk = options.loss_chunk_len
+    if chunk not in (None, "auto") and (isinstance(chunk, bool) or not isinstance(chunk, int)
+                                        or chunk < 1):
+      raise ValueError(f"StepOptions.loss_chunk_len={chunk!r}: use an int >= 1, 'auto' or None.")
     if options.adaptive is not None and options.ask_id is None:
       raise ValueError("StepOptions.adaptive is set without ask_id: pass the vocabulary's "
                        "ask_id (AdaptivePauseVocabulary.ask_id).")
