@@ -156,6 +156,26 @@ def test_blocked_attention_equals_dot_product_attention(length, block_len, kv_he
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=name)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_rotate_equals_plain_rotation(dtype):
+  """kernels.cpu.rotate (the half swap as a matmul) equals the split-and-concatenate
+  rotation: values and gradients, to float32 rounding."""
+  keys = jax.random.split(jax.random.key(3), 3)
+  x = jax.random.normal(keys[0], (2, 11, 3, 16)).astype(dtype)
+  positions = jax.random.randint(keys[1], (2, 11), 0, 500)
+  angles = tfm.rope_sin_cos(positions, 16, 10000.0)
+  probe = jax.random.normal(keys[2], x.shape)
+  tol = dict(atol=1e-6, rtol=1e-6) if dtype == "float32" else dict(atol=1e-2, rtol=1e-2)
+  got, want = kernels.cpu.rotate(x, *angles), tfm.rotate(x, *angles)
+  assert got.dtype == want.dtype == jnp.dtype(dtype)
+  np.testing.assert_allclose(got.astype(jnp.float32), want.astype(jnp.float32), **tol)
+  grads = [jax.grad(lambda y, f=f: jnp.sum(f(y, *angles).astype(jnp.float32) * probe))(x)
+           for f in (kernels.cpu.rotate, tfm.rotate)]
+  np.testing.assert_allclose(grads[0].astype(jnp.float32), grads[1].astype(jnp.float32), **tol)
+  np.testing.assert_allclose(tfm.apply_rope(x, positions, 10000.0).astype(jnp.float32),
+                             want.astype(jnp.float32))
+
+
 @pytest.mark.parametrize("gated, packed", [(True, False), (False, True)])
 def test_cpu_kernels_equal_xla_kernels_in_the_model(gated, packed):
   """The whole CPU path (blocked attention, recomputing MLP, delayed embedding

@@ -139,15 +139,26 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...].astype(jnp.float32)).astype(x_BxLxD.dtype)
 
 
-def apply_rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
-  """Rotary position embedding (half-split convention), in float32."""
-  half = x_BxLxNxH.shape[-1] // 2
+def rope_sin_cos(positions_BxL: jax.Array, head_dim: int,
+                 theta: float) -> tuple[jax.Array, jax.Array]:
+  """sin and cos of the rotary angles, [B, L, 1, H / 2] float32 each."""
+  half = head_dim // 2
   inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
   angle_BxLx1xh = positions_BxL.astype(jnp.float32)[:, :, None, None] * inv_freq
-  sin, cos = jnp.sin(angle_BxLx1xh), jnp.cos(angle_BxLx1xh)
+  return jnp.sin(angle_BxLx1xh), jnp.cos(angle_BxLx1xh)
+
+
+def rotate(x_BxLxNxH: jax.Array, sin_BxLx1xh: jax.Array, cos_BxLx1xh: jax.Array) -> jax.Array:
+  """The rotary rotation (half-split convention) by given angles, in float32."""
   x1, x2 = jnp.split(x_BxLxNxH.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  out = jnp.concatenate([x1 * cos_BxLx1xh - x2 * sin_BxLx1xh,
+                         x2 * cos_BxLx1xh + x1 * sin_BxLx1xh], axis=-1)
   return out.astype(x_BxLxNxH.dtype)
+
+
+def apply_rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding (half-split convention), in float32."""
+  return rotate(x_BxLxNxH, *rope_sin_cos(positions_BxL, x_BxLxNxH.shape[-1], theta))
 
 
 class Attention(nnx.Module):
@@ -180,8 +191,10 @@ class Attention(nnx.Module):
     k_BxLxKxH = jnp.einsum("BLD,DKH->BLKH", x_BxLxD, self.k_DxKxH[...].astype(dtype))
     v_BxLxKxH = jnp.einsum("BLD,DKH->BLKH", x_BxLxD, self.v_DxKxH[...].astype(dtype))
     if c.positions != "learned":
-      q_BxLxNxH = apply_rope(q_BxLxNxH, positions_BxL, c.rope_theta)
-      k_BxLxKxH = apply_rope(k_BxLxKxH, positions_BxL, c.rope_theta)
+      angles = rope_sin_cos(positions_BxL, c.resolved_head_dim, c.rope_theta)
+      rotate_fn = kernels.get(c).rotate or rotate
+      q_BxLxNxH = rotate_fn(q_BxLxNxH, *angles)
+      k_BxLxKxH = rotate_fn(k_BxLxKxH, *angles)
     q_BxLxNxH = constrain(q_BxLxNxH, ("batch", "length", "heads", "kv"))
     k_BxLxKxH = constrain(k_BxLxKxH, ("batch", "length", "heads", "kv"))
     v_BxLxKxH = constrain(v_BxLxKxH, ("batch", "length", "heads", "kv"))

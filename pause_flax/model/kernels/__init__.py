@@ -9,6 +9,7 @@ values faster or in less memory there; a `Kernels` record says which:
                     or 'splash')
   mlp               (activation, x_BxLxD, wi_DxF, wg_DxF | None, wo_FxD) -> y_BxLxD
   embed_lookup      (table_VxD, tokens_BxL) -> x_BxLxD
+  rotate            (x_BxLxNxH, sin_BxLx1xh, cos_BxLx1xh) -> the rotary rotation of x
   loss_vocab_major  the fused loss's chunk layout (training/loss.py)
 
 'cpu' takes its pieces from `kernels/cpu.py`, 'tpu' its splash attention from
@@ -38,13 +39,14 @@ class Kernels:
   attention: str = "xla"
   mlp: Callable | None = None
   embed_lookup: Callable | None = None
+  rotate: Callable | None = None
   loss_vocab_major: bool = False
 
 
 BACKENDS: dict[str, Kernels] = {
     "xla": Kernels(),
     "cpu": Kernels(attention="blocked", mlp=cpu.mlp, embed_lookup=cpu.embed_lookup,
-                   loss_vocab_major=True),
+                   rotate=cpu.rotate, loss_vocab_major=True),
     "tpu": Kernels(attention="splash"),
 }
 

@@ -17,6 +17,11 @@ compile, for these reasons:
   every step, so fewer and smaller buffers are fewer page faults. The weight
   gradients read a transposed copy of the small x ([D, B*L]) instead of having
   XLA:CPU write the large [B*L, F] gradients transposed.
+- `rotate`: the rotary rotation takes each head's two halves apart and
+  concatenates them back, forward and backward; XLA:CPU runs those
+  concatenate fusions at a small fraction of its memory bandwidth. Here the
+  half swap (x1, x2) -> (-x2, x1) is a matmul by a constant signed
+  permutation, and the rest is elementwise.
 - `embed_lookup`: autodiff's scatter-add starts from a zero-filled [V, D]
   buffer that XLA:CPU fills at the start of the step, keeping it live through
   the whole forward pass; here the fill waits for the incoming gradient.
@@ -42,6 +47,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pause_flax.parallel import constrain
 
@@ -172,6 +178,21 @@ def _blocked_masked_bwd(block_len, residuals, dout_BxLxNxH):
 
 
 _blocked_masked.defvjp(_blocked_fwd, _blocked_masked_bwd)
+
+
+def rotate(x_BxLxNxH: jax.Array, sin_BxLx1xh: jax.Array, cos_BxLx1xh: jax.Array) -> jax.Array:
+  """The rotary rotation (half-split): x * cos + swap(x) * sin, swap a [H, H] matmul."""
+  with jax.named_scope(SCOPE):
+    h = x_BxLxNxH.shape[-1]
+    half = h // 2
+    swap_HxH = np.zeros((h, h), np.float32)  # x @ swap = concatenate([-x2, x1])
+    swap_HxH[np.arange(half) + half, np.arange(half)] = -1.0
+    swap_HxH[np.arange(half), np.arange(half) + half] = 1.0
+    x = x_BxLxNxH.astype(jnp.float32)
+    cos_BxLx1xH = jnp.concatenate([cos_BxLx1xh, cos_BxLx1xh], axis=-1)
+    sin_BxLx1xH = jnp.concatenate([sin_BxLx1xh, sin_BxLx1xh], axis=-1)
+    swapped = jnp.einsum("BLNH,HK->BLNK", x, jnp.asarray(swap_HxH))
+    return (x * cos_BxLx1xH + swapped * sin_BxLx1xH).astype(x_BxLxNxH.dtype)
 
 
 def _mlp_hidden(activation: Callable[[jax.Array], jax.Array], a_BxLxF: jax.Array,
