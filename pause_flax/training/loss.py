@@ -32,11 +32,17 @@ def auto_chunk_len(batch_size: int, batch_shards: int, seq_len: int) -> int:
   return max(1, min(seq_len, AUTO_CHUNK_ROWS // rows_per_position))
 
 
+def check_chunk_len(chunk_len: int | str, name: str = "chunk_len") -> None:
+  """Refuses a chunk length that is neither an int >= 1 nor 'auto' (`name` in the message)."""
+  if chunk_len != "auto" and (isinstance(chunk_len, bool) or not isinstance(chunk_len, int)
+                              or chunk_len < 1):
+    raise ValueError(f"{name}={chunk_len!r}: use an int >= 1 or 'auto'.")
+
+
 def _chunk_len(chunk_len: int | str, h_BxLxD: jax.Array, batch_shards: int) -> int:
+  check_chunk_len(chunk_len)
   if chunk_len == "auto":
     return auto_chunk_len(h_BxLxD.shape[0], batch_shards, h_BxLxD.shape[1])
-  if isinstance(chunk_len, bool) or not isinstance(chunk_len, int) or chunk_len < 1:
-    raise ValueError(f"chunk_len={chunk_len!r} must be an int >= 1 or 'auto'.")
   return chunk_len
 
 
@@ -259,8 +265,8 @@ def fused_cross_entropy_sums(h_BxLxD: jax.Array, head_VxD: jax.Array, targets_Bx
   (logits, softmax and their gradient stay chunk-sized; the output matrix is
   multiplied three times per chunk, as the plain path's forward and backward
   do once each; "auto" chunks `auto_chunk_len` positions, about
-  AUTO_CHUNK_ROWS rows of a batch shard). Only `loss` carries a gradient (w.r.t. h, head and weights);
-  ce, z, correct and weight are statistics. `batch_shards` is how many ways the
+  AUTO_CHUNK_ROWS rows of a batch shard). Only `loss` carries a gradient
+  (w.r.t. h, head and weights); ce, z, correct and weight are statistics. `batch_shards` is how many ways the
   batch is sharded (a divisor of B); under `parallel.activation_sharding` the
   per-shard partial d head stays on its devices until one final reduction.
   `vocab_major` lays each chunk's logits out vocabulary-first, the faster

@@ -68,10 +68,8 @@ class Trainer:
                options: StepOptions = StepOptions()):
     if options.accum_steps < 1:
       raise ValueError(f"accum_steps={options.accum_steps} must be >= 1.")
-    chunk = options.loss_chunk_len
-    if chunk not in (None, "auto") and (isinstance(chunk, bool) or not isinstance(chunk, int)
-                                        or chunk < 1):
-      raise ValueError(f"StepOptions.loss_chunk_len={chunk!r}: use an int >= 1, 'auto' or None.")
+    if options.loss_chunk_len is not None:   # None: the plain logits path
+      loss_lib.check_chunk_len(options.loss_chunk_len, "StepOptions.loss_chunk_len")
     if options.adaptive is not None and options.ask_id is None:
       raise ValueError("StepOptions.adaptive is set without ask_id: pass the vocabulary's "
                        "ask_id (AdaptivePauseVocabulary.ask_id).")
