@@ -21,6 +21,11 @@ after every round; the best measurement is used.
 
   python benchmarks/vs_maxtext.py --rounds 3 --steps 30
 
+MaxText's venv installs the newest jax its requirements admit; pause_flax runs
+under this interpreter's unless --pause_flax_python names another (a Python
+3.12 virtualenv with `pip install -e .`), so that both run on the same jax and
+XLA. The summary prints each framework's jax version.
+
 --shape checks another shape (keys layers, d_model, heads, kv_heads, head_dim,
 mlp, vocab, seq; unnamed keys keep bench_4l's; kv_heads defaults to heads,
 head_dim to d_model / heads); --dry_run only builds both frameworks'
@@ -68,6 +73,9 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument('--shape', default='',
                       help='model shape, KEY=VALUE,... over ' + ', '.join(DEFAULT_SHAPE)
                       + " (default bench_4l's, sequence 256)")
+  parser.add_argument('--pause_flax_python', default=sys.executable,
+                      help='the interpreter that runs pause_flax (and the matmul peak); e.g. a '
+                      "Python 3.12 virtualenv's, for the same jax as MaxText's venv")
   parser.add_argument('--dry_run', action='store_true',
                       help="only build both frameworks' configs for --shape and print them")
   parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
@@ -273,7 +281,7 @@ def pause_flax_worker(args: argparse.Namespace) -> None:
 def run_pause_flax(devices: int, args: argparse.Namespace) -> float:
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-  cmd = [sys.executable, os.path.abspath(__file__), '--worker', f'--devices={devices}',
+  cmd = [args.pause_flax_python, os.path.abspath(__file__), '--worker', f'--devices={devices}',
          f'--steps={args.steps}', f'--warmup={args.warmup}',
          f'--loss_chunk_len={args.loss_chunk_len}', f'--shape={shape_arg(args.model_shape)}',
          f'--batch={args.batch}']
@@ -286,14 +294,21 @@ def run_pause_flax(devices: int, args: argparse.Namespace) -> float:
   return json.loads(out.stdout.strip().splitlines()[-1])['tokens_per_s']
 
 
-def matmul_peak() -> float:
-  """Best f32 square-matmul FLOP/s on this host (a subprocess: one device)."""
+def jax_version(python: str) -> str:
+  """jax.__version__ under `python`."""
+  return subprocess.run([python, '-c', 'import jax; print(jax.__version__)'], check=True,
+                        capture_output=True, text=True).stdout.strip()
+
+
+def matmul_peak(python: str) -> float:
+  """Best f32 square-matmul FLOP/s on this host (a `python` subprocess: one device)."""
   code = ('from pause_flax.training import metrics; '
           'print(max(metrics.measure_matmul_peak(n, repeats=10) for n in (512, 1024, 2048)))')
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   env.pop('XLA_FLAGS', None)
-  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+  env['PYTHONPATH'] = os.pathsep.join(filter(None, [repo, env.get('PYTHONPATH')]))
+  out = subprocess.run([python, '-c', code], env=env, capture_output=True, text=True,
                        cwd=repo, check=True)
   return float(out.stdout.strip().splitlines()[-1])
 
@@ -314,7 +329,7 @@ def main() -> None:
   flops = transformer.flops_per_token(pause_flax_config(args.model_shape),
                                       args.model_shape['seq'])
   rates: dict[str, list[float]] = {s: [] for s in settings}
-  peaks, loads = [matmul_peak()], []
+  peaks, loads = [matmul_peak(args.pause_flax_python)], []
   for r in range(args.rounds):
     for setting in settings[r % len(settings):] + settings[:r % len(settings)]:
       framework, devices = setting.split(':')
@@ -323,13 +338,15 @@ def main() -> None:
               if framework == 'maxtext' else run_pause_flax(int(devices), args))
       rates[setting].append(rate)
       print(f'round {r}: {setting} {rate:,.0f} tokens/s (load {loads[-1]:.1f})', flush=True)
-    peaks.append(matmul_peak())
+    peaks.append(matmul_peak(args.pause_flax_python))
   peak = max(peaks)
   print(f'\n{os.cpu_count()} CPUs, load average {min(loads):.1f}-{max(loads):.1f} during runs; '
         f'f32 matmul peak {peak / 1e9:.0f} GFLOP/s (measurements '
         + ', '.join(f'{p / 1e9:.0f}' for p in peaks) + f'); {flops / 1e6:.1f} MFLOP/token; '
         f'{args.rounds} rounds x {args.steps} steps; shape {shape_arg(args.model_shape)}, '
         f'batch {args.batch}')
+  print(f'jax: pause_flax {jax_version(args.pause_flax_python)}'
+        + (f', MaxText {jax_version(python)}' if python else ''))
   print('| framework | devices | tokens/s (median) | min-max | MFU |')
   print('| --- | ---: | ---: | ---: | ---: |')
   median = {s: statistics.median(v) for s, v in rates.items()}
