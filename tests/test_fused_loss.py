@@ -115,15 +115,20 @@ def test_rejects_bad_chunk_len(bad):
 
 
 def test_auto_chunk_len():
-  """'auto' chunks ~AUTO_CHUNK_ROWS rows of a batch shard; the sums equal a fixed chunk's."""
+  """'auto' chunks auto_chunk_rows(D) rows of a batch shard; the sums equal a fixed chunk's."""
   rows = loss_lib.AUTO_CHUNK_ROWS
-  assert loss_lib.auto_chunk_len(8, 1, 256) == rows // 8
-  assert loss_lib.auto_chunk_len(8, 2, 256) == rows // 4      # per batch shard
-  assert loss_lib.auto_chunk_len(1, 1, 100) == 100            # never past the length
-  assert loss_lib.auto_chunk_len(4 * rows, 1, 64) == 1        # at least one position
+  assert [loss_lib.auto_chunk_rows(d) for d in (16, 256, 257, 384, 512, 768, 2048, 8192)] == [
+      rows, rows, 512, 512, 512, 1024, 2048, loss_lib.AUTO_CHUNK_MAX_ROWS]
+  assert loss_lib.auto_chunk_len(8, 1, 256, 256) == rows // 8
+  assert loss_lib.auto_chunk_len(8, 2, 256, 256) == rows // 4      # per batch shard
+  assert loss_lib.auto_chunk_len(4, 1, 512, 384) == 512 // 4       # rows grow with d_model
+  assert loss_lib.auto_chunk_len(8, 1, 2048, 2048) == 2048 // 8    # paper_1b per device
+  assert loss_lib.auto_chunk_len(1, 1, 100, 64) == 100             # never past the length
+  assert loss_lib.auto_chunk_len(4 * rows, 1, 64, 64) == 1         # at least one position
   h, head, targets, weights = _inputs()
   auto = _fused(h, head, targets, weights, 1e-2, "auto")
-  fixed = _fused(h, head, targets, weights, 1e-2, loss_lib.auto_chunk_len(B, 1, L))
+  fixed = _fused(h, head, targets, weights, 1e-2,
+                 loss_lib.auto_chunk_len(B, 1, L, h.shape[-1]))
   for name in loss_lib.LossSums._fields:
     np.testing.assert_array_equal(getattr(auto, name), getattr(fixed, name), err_msg=name)
 

@@ -21,15 +21,23 @@ from pause_flax.model.transformer import PAD_LOGIT
 from pause_flax.parallel import constrain
 
 
-# chunk_len="auto": chunks of about this many rows (one batch shard's rows x
-# positions); benchmarks/README.md has the measurements behind it.
+# chunk_len="auto": chunks of about max(AUTO_CHUNK_ROWS, d_model rounded up to a
+# power of two) rows of a batch shard, at most AUTO_CHUNK_MAX_ROWS. Each chunk
+# adds its [V, D] d head product into the accumulator, so the chunk that pays
+# grows with D; benchmarks/README.md has the measurements behind both numbers.
 AUTO_CHUNK_ROWS = 256
+AUTO_CHUNK_MAX_ROWS = 2048
 
 
-def auto_chunk_len(batch_size: int, batch_shards: int, seq_len: int) -> int:
-  """Positions per chunk for ~AUTO_CHUNK_ROWS rows of a batch shard (1 to seq_len)."""
+def auto_chunk_rows(d_model: int) -> int:
+  """Rows per chunk for 'auto': max(AUTO_CHUNK_ROWS, next power of two >= d_model), capped."""
+  return min(AUTO_CHUNK_MAX_ROWS, max(AUTO_CHUNK_ROWS, 1 << max(0, d_model - 1).bit_length()))
+
+
+def auto_chunk_len(batch_size: int, batch_shards: int, seq_len: int, d_model: int) -> int:
+  """Positions per chunk for ~`auto_chunk_rows(d_model)` rows of a batch shard (1 to seq_len)."""
   rows_per_position = max(1, batch_size // batch_shards)
-  return max(1, min(seq_len, AUTO_CHUNK_ROWS // rows_per_position))
+  return max(1, min(seq_len, auto_chunk_rows(d_model) // rows_per_position))
 
 
 def check_chunk_len(chunk_len: int | str, name: str = "chunk_len") -> None:
@@ -42,7 +50,8 @@ def check_chunk_len(chunk_len: int | str, name: str = "chunk_len") -> None:
 def _chunk_len(chunk_len: int | str, h_BxLxD: jax.Array, batch_shards: int) -> int:
   check_chunk_len(chunk_len)
   if chunk_len == "auto":
-    return auto_chunk_len(h_BxLxD.shape[0], batch_shards, h_BxLxD.shape[1])
+    b, l, d = h_BxLxD.shape
+    return auto_chunk_len(b, batch_shards, l, d)
   return chunk_len
 
 
@@ -265,7 +274,7 @@ def fused_cross_entropy_sums(h_BxLxD: jax.Array, head_VxD: jax.Array, targets_Bx
   (logits, softmax and their gradient stay chunk-sized; the output matrix is
   multiplied three times per chunk, as the plain path's forward and backward
   do once each; "auto" chunks `auto_chunk_len` positions, about
-  AUTO_CHUNK_ROWS rows of a batch shard). Only `loss` carries a gradient
+  `auto_chunk_rows(D)` rows of a batch shard). Only `loss` carries a gradient
   (w.r.t. h, head and weights); ce, z, correct and weight are statistics. `batch_shards` is how many ways the
   batch is sharded (a divisor of B); under `parallel.activation_sharding` the
   per-shard partial d head stays on its devices until one final reduction.

@@ -46,8 +46,9 @@ class StepOptions:
   z_loss: float = 0.0
   pause_id: int | None = None        # the pause-input count metric; DIT's pause id
   # Output projection + cross-entropy fused, `loss_chunk_len` positions at a
-  # time (loss.fused_cross_entropy_sums); "auto": about loss.AUTO_CHUNK_ROWS
-  # rows of a batch shard per chunk; None materialises [B, L, V] logits.
+  # time (loss.fused_cross_entropy_sums); "auto": about
+  # loss.auto_chunk_rows(d_model) rows of a batch shard per chunk (256 up to
+  # d_model 256, then growing with it); None materialises [B, L, V] logits.
   loss_chunk_len: int | str | None = "auto"
   # Catch Your Breath: the CYB loss over unrolled pause groups (batches carry
   # `decoder_pause_steps`) with the output class `ask_id`; None: cross-entropy.
