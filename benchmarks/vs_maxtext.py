@@ -43,6 +43,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -55,6 +56,7 @@ BATCH = 8  # global batch, --batch
 DEFAULT_SHAPE = dict(layers=4, d_model=256, heads=4, kv_heads=None, head_dim=64, mlp=1024,
                      vocab=32000, seq=256)
 SETTINGS = ('maxtext:1', 'maxtext:2', 'pause_flax:1', 'pause_flax:2')
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_args() -> argparse.Namespace:
@@ -87,6 +89,11 @@ def parse_args() -> argparse.Namespace:
     parser.error(str(e))
   if args.batch < 1 or args.batch % 2 and any(s.endswith(':2') for s in args.settings.split(',')):
     parser.error(f'--batch={args.batch}: use a positive batch, even for the 2-device settings.')
+  found = shutil.which(args.pause_flax_python)
+  if not found:
+    parser.error(f'--pause_flax_python={args.pause_flax_python}: not an executable; name a '
+                 "Python interpreter (e.g. a Python 3.12 virtualenv's bin/python).")
+  args.pause_flax_python = found
   return args
 
 
@@ -278,16 +285,23 @@ def pause_flax_worker(args: argparse.Namespace) -> None:
   print(json.dumps({'tokens_per_s': rate}))
 
 
+def _pause_flax_env(xla_flags: str | None) -> dict[str, str]:
+  """A CPU environment that imports this checkout's pause_flax (XLA_FLAGS set or dropped)."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  if xla_flags:
+    env['XLA_FLAGS'] = xla_flags
+  env['PYTHONPATH'] = os.pathsep.join(filter(None, [REPO, env.get('PYTHONPATH')]))
+  return env
+
+
 def run_pause_flax(devices: int, args: argparse.Namespace) -> float:
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  env = _pause_flax_env(f'--xla_force_host_platform_device_count={devices}')
   cmd = [args.pause_flax_python, os.path.abspath(__file__), '--worker', f'--devices={devices}',
          f'--steps={args.steps}', f'--warmup={args.warmup}',
          f'--loss_chunk_len={args.loss_chunk_len}', f'--shape={shape_arg(args.model_shape)}',
          f'--batch={args.batch}']
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env['PYTHONPATH'] = os.pathsep.join(filter(None, [repo, env.get('PYTHONPATH')]))
-  out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=repo)
+  out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
   if out.returncode:
     sys.stderr.write(out.stderr[-5000:])
     raise SystemExit(f'pause_flax run failed (exit {out.returncode}).')
@@ -304,12 +318,8 @@ def matmul_peak(python: str) -> float:
   """Best f32 square-matmul FLOP/s on this host (a `python` subprocess: one device)."""
   code = ('from pause_flax.training import metrics; '
           'print(max(metrics.measure_matmul_peak(n, repeats=10) for n in (512, 1024, 2048)))')
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)
-  env['PYTHONPATH'] = os.pathsep.join(filter(None, [repo, env.get('PYTHONPATH')]))
-  out = subprocess.run([python, '-c', code], env=env, capture_output=True, text=True,
-                       cwd=repo, check=True)
+  out = subprocess.run([python, '-c', code], env=_pause_flax_env(None), capture_output=True,
+                       text=True, cwd=REPO, check=True)
   return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -318,7 +328,7 @@ def main() -> None:
   if args.worker:
     pause_flax_worker(args)
     return
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  sys.path.insert(0, REPO)
   if args.dry_run:
     dry_run(args)
     return

@@ -40,12 +40,21 @@ def test_bad_shape_is_refused_naming_the_item(text, fragment):
 
 
 def test_args_parse_batch_chunk_and_python(monkeypatch):
+  python = os.path.realpath(sys.executable)
   args = _args(monkeypatch, "--batch=4", "--shape=layers=8,d_model=512,heads=8,seq=512",
-               "--loss_chunk_len=0", "--pause_flax_python=/opt/py312/bin/python")
+               "--loss_chunk_len=0", f"--pause_flax_python={python}")
   assert (args.batch, args.model_shape["layers"], args.model_shape["head_dim"]) == (4, 8, 64)
-  assert args.loss_chunk_len == 0 and args.pause_flax_python == "/opt/py312/bin/python"
+  assert args.loss_chunk_len == 0 and args.pause_flax_python == python
   assert _args(monkeypatch).loss_chunk_len == "auto"
   assert _args(monkeypatch).pause_flax_python == sys.executable
+
+
+def test_missing_pause_flax_python_is_refused(monkeypatch, capsys, tmp_path):
+  missing = str(tmp_path / "venv312" / "bin" / "python")
+  with pytest.raises(SystemExit) as e:
+    _args(monkeypatch, f"--pause_flax_python={missing}")
+  assert e.value.code == 2
+  assert f"--pause_flax_python={missing}: not an executable" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [
