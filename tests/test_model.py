@@ -203,7 +203,11 @@ def test_cpu_kernels_equal_xla_kernels_in_the_model(gated, packed):
   grads_cpu, grads_xla = nnx.to_flat_state(grads_cpu), nnx.to_flat_state(grads_xla)
   assert [p for p, _ in grads_cpu] == [p for p, _ in grads_xla]
   for (path, a), (_, b) in zip(grads_cpu, grads_xla):
-    np.testing.assert_allclose(a[...], b[...], atol=1e-5, rtol=1e-4, err_msg=str(path))
+    # Summation order differs between the kernels: an element that is a small
+    # difference of large terms is off by float32 rounding of those terms, so the
+    # absolute tolerance scales with the gradient's largest entry (~30 here).
+    atol = 1e-6 * max(1.0, float(np.max(np.abs(b[...]))))
+    np.testing.assert_allclose(a[...], b[...], atol=atol, rtol=1e-4, err_msg=str(path))
   # Same parameters whatever the kernels: a checkpoint moves between backends.
   shapes = lambda c: jax.tree.map(lambda x: (x.shape, x.dtype), nnx.to_pure_dict(
       nnx.state(nnx.eval_shape(lambda: tfm.Transformer(c, rngs=nnx.Rngs(0))))))
