@@ -4,12 +4,12 @@ import dataclasses
 import functools
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pause_flax import parallel
-from pause_flax.model import kernels
 from pause_flax.model import transformer
 from pause_flax.model.transformer import PAD_LOGIT
 from pause_flax.training import loss as loss_lib
@@ -36,21 +36,19 @@ def _plain(h_BxLxD, head_VxD, targets_BxL, weights_BxL, z_loss):
   return loss_lib.cross_entropy_sums(logits_BxLxV, targets_BxL, weights_BxL, z_loss)
 
 
-def _fused(h_BxLxD, head_VxD, targets_BxL, weights_BxL, z_loss, chunk_len, vocab_major=False,
-           batch_shards=1):
+def _fused(h_BxLxD, head_VxD, targets_BxL, weights_BxL, z_loss, chunk_len, batch_shards=1):
   return loss_lib.fused_cross_entropy_sums(h_BxLxD, head_VxD, targets_BxL, weights_BxL, z_loss,
                                            vocab_size=VOCAB, chunk_len=chunk_len,
-                                           batch_shards=batch_shards, vocab_major=vocab_major)
+                                           batch_shards=batch_shards)
 
 
-@pytest.mark.parametrize("vocab_major", [False, True])
 @pytest.mark.parametrize("z_loss", [0.0, 1e-2])
 @pytest.mark.parametrize("chunk_len,batch_shards", [(1, 1), (4, 1), (13, 1), (32, 1), (4, 3)])
-def test_sums_and_gradients_equal_plain_path(z_loss, chunk_len, batch_shards, vocab_major):
-  """Both chunk layouts; chunk 4 leaves a padded tail chunk; 3 shards group each row alone."""
+def test_sums_and_gradients_equal_plain_path(z_loss, chunk_len, batch_shards):
+  """Chunk 4 leaves a padded tail chunk; 3 shards group each row alone."""
   h, head, targets, weights = _inputs()
   want = _plain(h, head, targets, weights, z_loss)
-  fused = functools.partial(_fused, vocab_major=vocab_major, batch_shards=batch_shards)
+  fused = functools.partial(_fused, batch_shards=batch_shards)
   got = jax.jit(fused, static_argnums=(4, 5))(h, head, targets, weights, z_loss, chunk_len)
   for name in loss_lib.LossSums._fields:
     np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-5,
@@ -67,28 +65,51 @@ def test_sums_and_gradients_equal_plain_path(z_loss, chunk_len, batch_shards, vo
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6, err_msg=name)
 
 
-@pytest.mark.parametrize("vocab_major", [False, True])
-def test_zero_weight_gives_exactly_zero_gradient(vocab_major):
+def test_zero_weight_gives_exactly_zero_gradient():
   h, head, targets, weights = _inputs(1)
-  grad = jax.grad(lambda h, w: _fused(h, w, targets, weights, 1e-3, 4, vocab_major).loss, (0, 1))
+  grad = jax.grad(lambda h, w: _fused(h, w, targets, weights, 1e-3, 4).loss, (0, 1))
   dh_BxLxD, dhead_VxD = grad(h, head)
   assert np.all(np.asarray(dh_BxLxD)[np.asarray(weights) == 0] == 0)
   assert np.any(np.asarray(dh_BxLxD)[np.asarray(weights) == 1] != 0)
   assert np.all(np.asarray(dhead_VxD)[VOCAB:] == 0)  # padded vocabulary rows
   # No weighted target at all: the gradient vanishes everywhere.
   dh_BxLxD, dhead_VxD = jax.grad(
-      lambda h, w: _fused(h, w, targets, jnp.zeros_like(weights), 0.0, 4, vocab_major).loss,
+      lambda h, w: _fused(h, w, targets, jnp.zeros_like(weights), 0.0, 4).loss,
       (0, 1))(h, head)
   assert not np.any(dh_BxLxD) and not np.any(dhead_VxD)
 
 
-@pytest.mark.parametrize("vocab_major", [False, True])
-def test_gradient_flows_through_a_transposed_head(vocab_major):
+def test_gradient_flows_through_a_transposed_head():
   h, head, targets, weights = _inputs(2)
   matrix_DxV = head.T  # a head held transposed gets its gradient transposed back
   want = jax.grad(lambda m: _plain(h, m.T, targets, weights, 0.0).loss)(matrix_DxV)
-  got = jax.grad(lambda m: _fused(h, m.T, targets, weights, 0.0, 5, vocab_major).loss)(matrix_DxV)
+  got = jax.grad(lambda m: _fused(h, m.T, targets, weights, 0.0, 5).loss)(matrix_DxV)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def _transposed_shapes(jaxpr) -> list[tuple[int, ...]]:
+  """Shapes of every transpose's operand in a closed jaxpr, nested ones included."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "transpose":
+      found.append(tuple(eqn.invars[0].aval.shape))
+    for param in eqn.params.values():
+      for sub in (param if isinstance(param, (list, tuple)) else [param]):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          found += _transposed_shapes(sub.jaxpr)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          found += _transposed_shapes(sub)
+  return found
+
+
+def test_output_matrix_and_its_gradient_are_never_transposed():
+  """The products read the [V, D] matrix as stored and d head builds up as [V, D]:
+  the only transposes are of the chunked activations (no V axis)."""
+  h, head, targets, weights = _inputs(4)
+  grad = jax.grad(lambda h, w: _fused(h, w, targets, weights, 1e-3, 4).loss, (0, 1))
+  shapes = _transposed_shapes(jax.make_jaxpr(grad)(h, head).jaxpr)
+  assert shapes  # the chunking's own transposes are seen
+  assert not [s for s in shapes if V in s], shapes
 
 
 def test_bfloat16_hidden_states_are_close():
@@ -171,8 +192,7 @@ def test_trainer_step_equals_plain_logits_path(tie, data):
 
 
 def test_trainer_step_cpu_kernels_equal_xla_kernels():
-  """On one batch shard kernels='cpu' takes the vocabulary-major loss layout
-  (and the CPU model kernels); two steps equal kernels='xla''s."""
+  """The CPU model kernels under the fused loss: two steps equal kernels='xla''s."""
   config = dataclasses.replace(transformer.model_config("tiny"), vocab_size=250, max_len=16,
                                gated_mlp=True, mlp_activation="silu")
   mesh = parallel.make_mesh(data=1, fsdp=1, devices=jax.devices()[:1])
@@ -186,7 +206,6 @@ def test_trainer_step_cpu_kernels_equal_xla_kernels():
         dataclasses.replace(config, kernels=name), optimizer.make_optimizer(1e-2, eps=1e-3),
         mesh, options=trainer.StepOptions(z_loss=1e-3, loss_chunk_len=5))
     assert step.model_config.kernels == name
-    assert kernels.loss_vocab_major(step.model_config, 1) == (name == "cpu")
     state = step.init(0)
     for _ in range(2):
       state, metrics = step.train_step(state, jax.device_put(batch, step.batch_sharding))

@@ -25,7 +25,6 @@ def test_tpu_resolution():
   # Lengths that are not a multiple of 128, and cached decoding, take XLA's attention.
   assert kernels.attention_impl(resolved, 200) == "xla"
   assert kernels.attention_impl(resolved, 256, cached=True) == "xla"
-  assert not kernels.loss_vocab_major(resolved, batch_shards=1)
   assert tpu_kernels.block_len(1024) == 512 and tpu_kernels.block_len(384) == 128
 
 

@@ -100,25 +100,21 @@ def token_cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array,
 # Fused output projection + cross-entropy.
 
 
-def _chunk_terms(logits: jax.Array, targets_GxT: jax.Array, vocab_size: int,
-                 v_axis: int) -> tuple[jax.Array, ...]:
-  """Padded columns set to PAD_LOGIT; log Z, target logit, target is max ([G, T] each).
-
-  `logits` is [G, T, V] (v_axis 2) or vocabulary-major [V, G, T] (v_axis 0).
-  """
-  col = jax.lax.broadcasted_iota(jnp.int32, logits.shape, v_axis)
-  if vocab_size < logits.shape[v_axis]:
-    logits = jnp.where(col < vocab_size, logits, PAD_LOGIT)
-  expand = lambda x: jnp.expand_dims(x, v_axis)
-  max_GxT = jnp.max(logits, axis=v_axis)
-  log_z_GxT = max_GxT + jnp.log(jnp.sum(jnp.exp(logits - expand(max_GxT)), axis=v_axis))
-  target_logit_GxT = jnp.take_along_axis(logits, expand(targets_GxT), axis=v_axis).squeeze(v_axis)
-  return logits, log_z_GxT, target_logit_GxT, target_logit_GxT >= max_GxT
+def _chunk_terms(logits_GxTxV: jax.Array, targets_GxT: jax.Array,
+                 vocab_size: int) -> tuple[jax.Array, ...]:
+  """Padded columns set to PAD_LOGIT; log Z, target logit, target is max ([G, T] each)."""
+  if vocab_size < logits_GxTxV.shape[-1]:
+    col_GxTxV = jax.lax.broadcasted_iota(jnp.int32, logits_GxTxV.shape, 2)
+    logits_GxTxV = jnp.where(col_GxTxV < vocab_size, logits_GxTxV, PAD_LOGIT)
+  max_GxT = jnp.max(logits_GxTxV, axis=-1)
+  log_z_GxT = max_GxT + jnp.log(jnp.sum(jnp.exp(logits_GxTxV - max_GxT[..., None]), axis=-1))
+  target_logit_GxT = jnp.take_along_axis(logits_GxTxV, targets_GxT[..., None], axis=-1)[..., 0]
+  return logits_GxTxV, log_z_GxT, target_logit_GxT, target_logit_GxT >= max_GxT
 
 
 def _fused_scan(h_BxLxD: jax.Array, head_VxD: jax.Array, targets_BxL: jax.Array,
                 weights_BxL: jax.Array, z_loss: float, vocab_size: int, chunk_len: int,
-                batch_shards: int, vocab_major: bool, with_grad: bool):
+                batch_shards: int, with_grad: bool):
   """Per-position (ce, z, correct) and, `with_grad`, d loss / d (h, head, weights).
 
   Positions are split into chunks of `chunk_len` (the tail padded with weight
@@ -129,10 +125,9 @@ def _fused_scan(h_BxLxD: jax.Array, head_VxD: jax.Array, targets_BxL: jax.Array,
   contraction axis in memory order), and d head is accumulated per group, so a
   batch-sharded step reduces it over devices once, not once per chunk.
 
-  `vocab_major` lays a chunk's logits out as [V, G, T] and accumulates d head
-  as [G, V, D], the parameter's own layout: the three matmuls then take their
-  large operand (the output matrix or the logits) in the order XLA:CPU
-  multiplies fastest, and the gradient needs no transposed copy.
+  The three products read the output matrix in its own [V, D] layout and d
+  head is accumulated as [G, V, D], so neither the matrix nor its gradient is
+  ever transposed (on XLA:CPU such a transpose is a copy of the whole matrix).
   """
   b, l, d = h_BxLxD.shape
   g = batch_shards
@@ -149,47 +144,36 @@ def _fused_scan(h_BxLxD: jax.Array, head_VxD: jax.Array, targets_BxL: jax.Array,
   xs = (chunks(h_BxLxD), chunks(targets_BxL), chunks(w_BxL))
   head_dtype = head_VxD.dtype
   head_VxD = head_VxD.astype(h_BxLxD.dtype)
-  head_DxV = head_VxD.T
-  v_axis = 0 if vocab_major else 2
-  expand = lambda x: jnp.expand_dims(x, v_axis)
   f32 = jnp.float32
 
-  def body(dhead, x):
+  def body(dhead_GxVxD, x):
     h_GxTxD, targets_GxT, w_GxT = x
-    if vocab_major:
-      logits = jnp.einsum("VD,GTD->VGT", head_VxD, h_GxTxD, preferred_element_type=f32)
-    else:
-      logits = jnp.einsum("GTD,DV->GTV", h_GxTxD, head_DxV, preferred_element_type=f32)
-    logits, log_z_GxT, target_logit_GxT, correct_GxT = _chunk_terms(
-        logits, targets_GxT, vocab_size, v_axis)
+    logits_GxTxV = jnp.einsum("GTD,VD->GTV", h_GxTxD, head_VxD, preferred_element_type=f32)
+    logits_GxTxV, log_z_GxT, target_logit_GxT, correct_GxT = _chunk_terms(
+        logits_GxTxV, targets_GxT, vocab_size)
     keep_GxT = w_GxT > 0
     ce_GxT = jnp.where(keep_GxT, log_z_GxT - target_logit_GxT, 0.0)
     z_GxT = jnp.where(keep_GxT, jnp.square(log_z_GxT), 0.0)
     terms = (ce_GxT, z_GxT, correct_GxT.astype(f32))
     if not with_grad:
-      return dhead, (terms, None)
+      return dhead_GxVxD, (terms, None)
     # d/d logits of w * (log Z - logit[t] + z_loss * log Z^2): a * softmax - w * onehot.
     a_GxT = w_GxT * (1.0 + 2.0 * z_loss * log_z_GxT)
-    col = jax.lax.broadcasted_iota(jnp.int32, logits.shape, v_axis)
-    dlogits = jnp.where(
-        expand(keep_GxT),
-        expand(a_GxT) * jnp.exp(logits - expand(log_z_GxT))
-        - jnp.where(col == expand(targets_GxT), expand(w_GxT), 0.0),
+    col_GxTxV = jax.lax.broadcasted_iota(jnp.int32, logits_GxTxV.shape, 2)
+    dlogits_GxTxV = jnp.where(
+        keep_GxT[..., None],
+        a_GxT[..., None] * jnp.exp(logits_GxTxV - log_z_GxT[..., None])
+        - jnp.where(col_GxTxV == targets_GxT[..., None], w_GxT[..., None], 0.0),
         0.0).astype(h_GxTxD.dtype)
-    if vocab_major:
-      dh = jnp.einsum("DV,VGT->DGT", head_DxV, dlogits, preferred_element_type=f32)
-      dhead = dhead + jnp.einsum("VGT,GTD->GVD", dlogits, h_GxTxD, preferred_element_type=f32)
-    else:
-      dh = jnp.einsum("GTV,DV->GTD", dlogits, head_DxV, preferred_element_type=f32)
-      dhead = dhead + jnp.einsum("GTD,GTV->GDV", h_GxTxD, dlogits, preferred_element_type=f32)
-    return dhead, (terms, dh.astype(h_GxTxD.dtype))
+    dh_GxTxD = jnp.einsum("GTV,VD->GTD", dlogits_GxTxV, head_VxD, preferred_element_type=f32)
+    dhead_GxVxD = dhead_GxVxD + jnp.einsum("GTV,GTD->GVD", dlogits_GxTxV, h_GxTxD,
+                                           preferred_element_type=f32)
+    return dhead_GxVxD, (terms, dh_GxTxD.astype(h_GxTxD.dtype))
 
   dhead0 = None
   if with_grad:
-    shape, names = (((g, head_VxD.shape[0], d), ("batch", "vocab", "embed")) if vocab_major
-                    else ((g, d, head_VxD.shape[0]), ("batch", "embed", "vocab")))
-    dhead0 = constrain(jnp.zeros(shape, f32), names)
-  dhead, (terms, dh) = jax.lax.scan(body, dhead0, xs)
+    dhead0 = constrain(jnp.zeros((g, head_VxD.shape[0], d), f32), ("batch", "vocab", "embed"))
+  dhead_GxVxD, (terms, dh) = jax.lax.scan(body, dhead0, xs)
 
   def unchunk(x):  # [K, G, T, ...] -> [B, L, ...]
     x = jnp.swapaxes(x.reshape((k, b, chunk_len) + x.shape[3:]), 0, 1)
@@ -199,11 +183,7 @@ def _fused_scan(h_BxLxD: jax.Array, head_VxD: jax.Array, targets_BxL: jax.Array,
   if not with_grad:
     return (ce_BxL, z_BxL, correct_BxL), None
   dw_BxL = (ce_BxL + z_loss * z_BxL).astype(weights_BxL.dtype)
-  dhead_VxD = jnp.sum(dhead, axis=0)
-  if vocab_major:
-    dh = jnp.transpose(dh, (0, 2, 3, 1))  # [K, D, G, T] -> [K, G, T, D]
-  else:
-    dhead_VxD = dhead_VxD.T
+  dhead_VxD = jnp.sum(dhead_GxVxD, axis=0)
   grads = (unchunk(dh), dhead_VxD.astype(head_dtype), dw_BxL)
   return (ce_BxL, z_BxL, correct_BxL), grads
 
@@ -216,23 +196,23 @@ def _sums(terms, weights_BxL: jax.Array, z_loss: float) -> LossSums:
                   weight=jnp.sum(w))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _fused(h_BxLxD, head_VxD, targets_BxL, weights_BxL, z_loss, vocab_size, chunk_len,
-           batch_shards, vocab_major):
+           batch_shards):
   terms, _ = _fused_scan(h_BxLxD, head_VxD, targets_BxL, weights_BxL, z_loss, vocab_size,
-                         chunk_len, batch_shards, vocab_major, with_grad=False)
+                         chunk_len, batch_shards, with_grad=False)
   return _sums(terms, weights_BxL, z_loss)
 
 
 def _fused_fwd(h_BxLxD, head_VxD, targets_BxL, weights_BxL, z_loss, vocab_size, chunk_len,
-               batch_shards, vocab_major):
+               batch_shards):
   terms, grads = _fused_scan(h_BxLxD, head_VxD, targets_BxL, weights_BxL, z_loss,
-                             vocab_size, chunk_len, batch_shards, vocab_major, with_grad=True)
+                             vocab_size, chunk_len, batch_shards, with_grad=True)
   return _sums(terms, weights_BxL, z_loss), grads
 
 
-def _fused_bwd(z_loss, vocab_size, chunk_len, batch_shards, vocab_major, grads, g: LossSums):
-  del z_loss, vocab_size, chunk_len, batch_shards, vocab_major
+def _fused_bwd(z_loss, vocab_size, chunk_len, batch_shards, grads, g: LossSums):
+  del z_loss, vocab_size, chunk_len, batch_shards
   g_loss = g.loss  # ce, z, correct and weight reach the caller without a gradient
   return tuple(None if x is None else g_loss.astype(x.dtype) * x
                for x in (grads[0], grads[1], None, grads[2]))
@@ -244,7 +224,7 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 def fused_token_cross_entropy(h_BxLxD: jax.Array, head_VxD: jax.Array,
                               targets_BxL: jax.Array, weights_BxL: jax.Array, *,
                               vocab_size: int | None = None, chunk_len: int | str = "auto",
-                              batch_shards: int = 1, vocab_major: bool = False) -> jax.Array:
+                              batch_shards: int = 1) -> jax.Array:
   """`token_cross_entropy(h @ head.T, ...)`, a chunk of positions at a time.
 
   The forward half of `fused_cross_entropy_sums` (same arguments), returning
@@ -254,16 +234,14 @@ def fused_token_cross_entropy(h_BxLxD: jax.Array, head_VxD: jax.Array,
   vocab_size = head_VxD.shape[0] if vocab_size is None else vocab_size
   (ce_BxL, _, _), _ = _fused_scan(
       jax.lax.stop_gradient(h_BxLxD), jax.lax.stop_gradient(head_VxD), targets_BxL,
-      weights_BxL, 0.0, vocab_size, chunk_len, batch_shards, bool(vocab_major),
-      with_grad=False)
+      weights_BxL, 0.0, vocab_size, chunk_len, batch_shards, with_grad=False)
   return ce_BxL
 
 
 def fused_cross_entropy_sums(h_BxLxD: jax.Array, head_VxD: jax.Array, targets_BxL: jax.Array,
                              weights_BxL: jax.Array, z_loss: float = 0.0, *,
                              vocab_size: int | None = None, chunk_len: int | str = "auto",
-                             batch_shards: int = 1,
-                             vocab_major: bool = False) -> LossSums:
+                             batch_shards: int = 1) -> LossSums:
   """`cross_entropy_sums(h @ head.T, ...)` without materialising the [B, L, V] logits.
 
   `head_VxD` is the output projection stored like an embedding, [padded V, D].
@@ -275,20 +253,17 @@ def fused_cross_entropy_sums(h_BxLxD: jax.Array, head_VxD: jax.Array, targets_Bx
   multiplied three times per chunk, as the plain path's forward and backward
   do once each; "auto" chunks `auto_chunk_len` positions, about
   `auto_chunk_rows(D)` rows of a batch shard). Only `loss` carries a gradient
-  (w.r.t. h, head and weights); ce, z, correct and weight are statistics. `batch_shards` is how many ways the
-  batch is sharded (a divisor of B); under `parallel.activation_sharding` the
-  per-shard partial d head stays on its devices until one final reduction.
-  `vocab_major` lays each chunk's logits out vocabulary-first, the faster
-  order on XLA:CPU for an unsharded batch (the Trainer asks
-  `kernels.loss_vocab_major`; figures in benchmarks/README.md). The sums and
-  gradients are the same either way.
+  (w.r.t. h, head and weights); ce, z, correct and weight are statistics.
+  `batch_shards` is how many ways the batch is sharded (a divisor of B); under
+  `parallel.activation_sharding` the per-shard partial d head stays on its
+  devices until one final reduction.
   """
   if batch_shards < 1 or h_BxLxD.shape[0] % batch_shards:
     raise ValueError(f"batch_shards={batch_shards} must divide the batch {h_BxLxD.shape[0]}.")
   chunk_len = _chunk_len(chunk_len, h_BxLxD, batch_shards)
   vocab_size = head_VxD.shape[0] if vocab_size is None else vocab_size
   sums = _fused(h_BxLxD, head_VxD, targets_BxL, weights_BxL, float(z_loss), vocab_size,
-                chunk_len, batch_shards, bool(vocab_major))
+                chunk_len, batch_shards)
   return LossSums(loss=sums.loss, ce=jax.lax.stop_gradient(sums.ce),
                   z=jax.lax.stop_gradient(sums.z), correct=jax.lax.stop_gradient(sums.correct),
                   weight=jax.lax.stop_gradient(sums.weight))

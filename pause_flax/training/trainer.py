@@ -168,10 +168,8 @@ class Trainer:
 
   def _fused_options(self) -> dict:
     """The fused loss's static settings for this model and mesh."""
-    batch_shards = parallel.data_parallel_size(self.mesh, self.rules)
     return dict(vocab_size=self.model_config.vocab_size, chunk_len=self.options.loss_chunk_len,
-                batch_shards=batch_shards,
-                vocab_major=kernels.loss_vocab_major(self.model_config, batch_shards))
+                batch_shards=parallel.data_parallel_size(self.mesh, self.rules))
 
   def _token_losses(self, params: Any, batch: Batch) -> jax.Array:
     """float32 [B, L]: the model's cross-entropy on each target (0 at weight 0)."""

@@ -10,7 +10,6 @@ values faster or in less memory there; a `Kernels` record says which:
   mlp               (activation, x_BxLxD, wi_DxF, wg_DxF | None, wo_FxD) -> y_BxLxD
   embed_lookup      (table_VxD, tokens_BxL) -> x_BxLxD
   rotate            (x_BxLxNxH, sin_BxLx1xh, cos_BxLx1xh) -> the rotary rotation of x
-  loss_vocab_major  the fused loss's chunk layout (training/loss.py)
 
 'cpu' takes its pieces from `kernels/cpu.py`, 'tpu' its splash attention from
 `kernels/tpu.py`. 'auto' is resolved once, by
@@ -40,13 +39,12 @@ class Kernels:
   mlp: Callable | None = None
   embed_lookup: Callable | None = None
   rotate: Callable | None = None
-  loss_vocab_major: bool = False
 
 
 BACKENDS: dict[str, Kernels] = {
     "xla": Kernels(),
     "cpu": Kernels(attention="blocked", mlp=cpu.mlp, embed_lookup=cpu.embed_lookup,
-                   rotate=cpu.rotate, loss_vocab_major=True),
+                   rotate=cpu.rotate),
     "tpu": Kernels(attention="splash"),
 }
 
@@ -98,10 +96,5 @@ def attention_impl(config: TransformerConfig, seq_len: int, *, cached: bool = Fa
   return impl
 
 
-def loss_vocab_major(config: TransformerConfig, batch_shards: int) -> bool:
-  """The fused loss's vocabulary-major layout: the kernels' choice, for an unsharded batch."""
-  return get(config).loss_vocab_major and batch_shards == 1
-
-
 __all__ = ["BACKENDS", "Kernels", "attention_impl", "blocked_causal_attention", "cpu", "get",
-           "loss_vocab_major", "platform", "resolve", "tpu"]
+           "platform", "resolve", "tpu"]

@@ -32,9 +32,7 @@ compile, for these reasons:
   needs no gradient is hoisted to the start of the step. A data dependence on
   the incoming gradient keeps such work in the backward pass.
 
-(The fused loss's vocabulary-major layout, the fourth CPU choice, lives in
-`training/loss.py`; `kernels.loss_vocab_major` selects it.) Measured effects
-are in benchmarks/README.md.
+Measured effects are in benchmarks/README.md.
 
 Everything here runs under the named scope `SCOPE`, so a compiled program
 shows whether a CPU kernel is in it (the memory check's test looks).
