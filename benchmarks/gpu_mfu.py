@@ -40,7 +40,10 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--attention', default='auto',
-                      help="attention_impl: 'xla', 'cudnn', or 'auto' (cudnn where it applies)")
+                      help="attention_impl: 'xla', 'cudnn', 'blocked' (segment ids, no dense "
+                           "mask), or 'auto' (cudnn where it applies)")
+  parser.add_argument('--packed', type=int, default=0,
+                      help='documents packed per row (segment ids; 0 or 1: none)')
   parser.add_argument('--peak', type=float, default=0.0,
                       help='peak FLOP/s per device (0: known chip, else measured)')
   parser.add_argument('--tag', default='', help='label of this setting in the table and JSON')
@@ -64,7 +67,8 @@ def measure(name: str, batch_size: int, args: argparse.Namespace) -> dict:
       parallel.make_mesh(), options=trainer.StepOptions(loss_chunk_len=args.loss_chunk_len or None))
   attention = kernels.attention_impl(step.model_config, args.seq_len)  # as resolved for the mesh
   rates, metrics = step_timing.tokens_per_second(step, batch_size, args.seq_len, warmup=args.warmup,
-                                        steps=args.steps, repeats=args.repeats)
+                                        steps=args.steps, repeats=args.repeats,
+                                        packed=args.packed)
   from pause_flax.training import metrics as metrics_lib
   peak = metrics_lib.peak_flops_per_device(args.peak or None) * jax.device_count()
   rate = statistics.median(rates)
@@ -76,6 +80,7 @@ def measure(name: str, batch_size: int, args: argparse.Namespace) -> dict:
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
       'batch_size': batch_size, 'seq_len': args.seq_len, 'dtype': args.dtype,
       'remat': args.remat, 'attention': attention, 'loss_chunk_len': args.loss_chunk_len,
+      'packed': args.packed,
       'params': transformer.num_params(config),
       'tokens_per_s': rate, 'tokens_per_s_all': rates,
       'step_ms': 1e3 * batch_size * args.seq_len / rate,
@@ -122,7 +127,8 @@ def main() -> None:
   for r in results:
     of_measured = (f"{100 * r['mfu_of_measured']:.1f}% of {r['measured_matmul_tflops_per_s']:.0f}"
                    if r['mfu_of_measured'] else 'n/a')
-    setting = r['tag'] or f"{r['attention']}, remat {r['remat']}, chunk {r['loss_chunk_len']}"
+    setting = r['tag'] or (f"{r['attention']}, remat {r['remat']}, chunk {r['loss_chunk_len']}"
+                           + (f", {r['packed']} documents per row" if r['packed'] > 1 else ''))
     print(f"| {r['model']} | {setting} | {r['device']} | {r['batch_size']} x {r['seq_len']} | "
           f"{r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} | {r['model_tflops_per_s']:.1f} | "
           f"{100 * r['mfu']:.1f}% | {of_measured} | {r['peak_memory_gib']:.1f} |")

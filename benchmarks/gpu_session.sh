@@ -58,6 +58,10 @@ if [[ $plan == h100 ]]; then
   mfu 200 --models paper_1b --batch_sizes paper_1b:8
   mfu 200 --models paper_1b --batch_sizes paper_1b:8 --remat dots
   mfu 150 --models paper_130m --batch_sizes paper_130m:32
+  # Packed segments: cuDNN with the dense [B, 1, L, L] mask against blocked
+  # attention, which builds each block's mask from the segment ids.
+  mfu 150 --models paper_130m --batch_sizes paper_130m:16 --packed 4
+  mfu 150 --models paper_130m --batch_sizes paper_130m:16 --packed 4 --attention blocked
   echo "=== done in $SECONDS s"
   exit 0
 fi
@@ -72,6 +76,10 @@ XLA_FLAGS="--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_latency_hiding_sc
   mfu 200 --models paper_1b --batch_sizes paper_1b:8 --tag "cudnn, triton gemm off, LHS"
 mfu 150 --models paper_130m --batch_sizes paper_130m:16 --attention xla
 mfu 200 --models paper_1b --batch_sizes paper_1b:16 --loss_chunk_len 1024
+# Packed segments (see the h100 plan).
+mfu 150 --models paper_130m --batch_sizes paper_130m:16 --packed 4
+mfu 150 --models paper_130m --batch_sizes paper_130m:16 --packed 4 --attention blocked
+mfu 200 --models paper_1b --batch_sizes paper_1b:8 --packed 4 --attention blocked
 if (( SECONDS + 60 <= budget )); then
   echo "=== [$SECONDS s] decode_throughput.py (paper_130m, KV cache vs none)"
   timeout 120 $py benchmarks/decode_throughput.py --model paper_130m --batch_size 8 \

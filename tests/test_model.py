@@ -6,6 +6,7 @@ import pathlib
 
 import gin
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -134,7 +135,7 @@ def test_blocked_attention_equals_dot_product_attention(length, block_len, kv_he
   q = jax.random.normal(keys[0], (2, length, 4, 16))
   k = jax.random.normal(keys[1], (2, length, kv_heads, 16))
   v = jax.random.normal(keys[2], (2, length, kv_heads, 16))
-  mask = None
+  mask = segment_ids = None
   if packed:
     segment_ids = jnp.array([[1] * 20 + [2] * (length - 20), [1] * (length - 5) + [0] * 5])
     mask = tfm._attention_mask(jnp.arange(length), segment_ids, segment_ids)
@@ -144,7 +145,7 @@ def test_blocked_attention_equals_dot_product_attention(length, block_len, kv_he
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="xla")
 
   def blocked(q, k, v):
-    return kernels.blocked_causal_attention(q, k, v, mask, block_len=block_len)
+    return kernels.blocked_causal_attention(q, k, v, segment_ids, block_len=block_len)
 
   np.testing.assert_allclose(blocked(q, k, v), xla(q, k, v), atol=2e-6, rtol=1e-5)
   grads = [jax.grad(lambda *a: jnp.sum(f(*a) * probe), (0, 1, 2))(q, k, v)
@@ -209,6 +210,37 @@ def test_cpu_kernels_equal_xla_kernels_in_the_model(gated, packed):
   shapes = lambda c: jax.tree.map(lambda x: (x.shape, x.dtype), nnx.to_pure_dict(
       nnx.state(nnx.eval_shape(lambda: tfm.Transformer(c, rngs=nnx.Rngs(0))))))
   assert shapes(cpu) == shapes(xla)
+
+
+def _value_shapes(jaxpr) -> set[tuple[int, ...]]:
+  """Shapes of every value a jaxpr computes, nested jaxprs (scan, remat, custom_vjp) included."""
+  shapes = set()
+  for eqn in jaxpr.eqns:
+    shapes.update(tuple(getattr(v.aval, "shape", ())) for v in eqn.outvars)
+    for param in eqn.params.values():
+      for sub in (param if isinstance(param, (list, tuple)) else [param]):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          shapes |= _value_shapes(sub.jaxpr)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          shapes |= _value_shapes(sub)
+  return shapes
+
+
+def test_packed_segments_form_no_dense_mask_under_blocked_attention():
+  """Blocked attention builds each block's mask from the segment ids: neither the
+  forward nor the gradient holds an [L, L] array; XLA attention (the control) does."""
+  length = 140  # default blocks of 64: no block is the whole sequence
+  tokens = _tokens((2, length))
+  segment_ids = jnp.array([[1] * 60 + [2] * 80, [1] * 130 + [0] * 10])
+  found = {}
+  for impl in ("blocked", "xla"):
+    c = kernels.resolve(dataclasses.replace(TINY, max_len=length, attention_impl=impl), "cpu")
+    model = tfm.Transformer(c, rngs=nnx.Rngs(0))
+    loss = lambda m: jnp.sum(m(tokens, segment_ids_BxL=segment_ids)[..., :TINY.vocab_size])
+    shapes = _value_shapes(jax.make_jaxpr(nnx.grad(loss))(model).jaxpr)
+    found[impl] = [s for s in shapes if s[-2:] == (length, length)]
+  assert found["xla"], "the control should hold the dense [B, 1, L, L] mask"
+  assert not found["blocked"], found["blocked"]
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")

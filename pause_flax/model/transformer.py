@@ -181,9 +181,10 @@ class Attention(nnx.Module):
     """Returns the attention output and, with a cache `kv`, the updated (k, v).
 
     Without a cache, attention is causal (query slot i sees keys 0..i) and
-    `mask_Bx1xLxS` (None: no segments; `segment_ids_BxL` says the same for
-    kernels that take segment ids) only narrows it; with a cache `kv` (this
-    layer's [B, K, S, H] keys and values), the mask is the whole rule.
+    packed segments narrow it: kernels that take `segment_ids_BxL` (blocked,
+    splash) read those, the others `mask_Bx1xLxS` (None: no segments, or a
+    kernel that reads the ids); with a cache `kv` (this layer's [B, K, S, H]
+    keys and values), the mask is the whole rule.
     """
     c = self.config
     dtype = x_BxLxD.dtype
@@ -216,7 +217,7 @@ class Attention(nnx.Module):
                                                    interpret=c.kernels != "tpu")
       elif impl == "blocked":
         out_BxLxNxH = kernels.blocked_causal_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH,
-                                                       mask_Bx1xLxS)
+                                                       segment_ids_BxL)
       else:
         out_BxLxNxH = jax.nn.dot_product_attention(
             q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask=mask_Bx1xLxS, is_causal=True,
@@ -348,8 +349,10 @@ class Transformer(nnx.Module):
       positions_BxL = jnp.broadcast_to(q_slots_L, (b, l))
     if cache is None:
       # Causality is the attention's own (is_causal, which cuDNN and splash
-      # compute blockwise); a mask only for packed segments.
-      mask_Bx1xLxS = (None if segment_ids_BxL is None else
+      # compute blockwise); a dense mask only for packed segments under the
+      # kernels that cannot read segment ids (blocked and splash can).
+      needs_mask = kernels.attention_impl(c, l) not in ("blocked", "splash")
+      mask_Bx1xLxS = (None if segment_ids_BxL is None or not needs_mask else
                       _attention_mask(q_slots_L, segment_ids_BxL, segment_ids_BxL))
     else:
       if segment_ids_BxL is None:

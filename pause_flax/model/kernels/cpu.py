@@ -58,15 +58,18 @@ def after(x: jax.Array, dep: jax.Array) -> jax.Array:
 
 
 def blocked_causal_attention(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.Array,
-                             mask_Bx1xLxL: jax.Array | None = None, *,
+                             segment_ids_BxL: jax.Array | None = None, *,
                              block_len: int | None = None) -> jax.Array:
   """Causal attention computed one block of queries at a time.
 
   Equals `jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)`
   (scale 1/sqrt(H), logits and softmax in float32, grouped-query heads, masked
-  logits at the same large negative), but a block of queries multiplies only
-  the keys up to its own end. `block_len` defaults to max(64, ceil(L / 8));
-  one block is plain causal attention.
+  logits at the same large negative), where `mask` lets a query see only keys
+  of its own segment (packed sequences; None: one segment), but a block of
+  queries multiplies only the keys up to its own end. Each block's mask is
+  built from `segment_ids_BxL`, so no [B, 1, L, L] mask is ever formed.
+  `block_len` defaults to max(64, ceil(L / 8)); one block is plain causal
+  attention.
 
   q, k and v are laid out head-major ([B, K, G, L, H], [B, K, L, H]) once, not
   once per block, and the gradient is written out (`_blocked_bwd`): it keeps
@@ -75,9 +78,9 @@ def blocked_causal_attention(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxK
   """
   l = q_BxLxNxH.shape[1]
   c = block_len or max(64, -(-l // 8))
-  if mask_Bx1xLxL is None:
+  if segment_ids_BxL is None:
     return _blocked(c, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH)
-  return _blocked_masked(c, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xLxL)
+  return _blocked_segments(c, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL)
 
 
 # jax.nn's masked-logit value: finite, so a fully masked row averages its values.
@@ -88,15 +91,16 @@ def _blocks(length: int, block_len: int) -> list[tuple[int, int]]:
   return [(start, min(start + block_len, length)) for start in range(0, length, block_len)]
 
 
-def _allowed(start: int, end: int, mask_Bx1xLxL: jax.Array | None) -> jax.Array:
-  """[T, S] (or [B, 1, 1, T, S] with a mask): which keys a block's queries see."""
+def _allowed(start: int, end: int, segment_ids_BxL: jax.Array | None) -> jax.Array:
+  """[T, S] (or [B, 1, 1, T, S] with segments): which keys a block's queries see."""
   allowed_TxS = jnp.arange(start, end)[:, None] >= jnp.arange(end)[None, :]
-  if mask_Bx1xLxL is None:
+  if segment_ids_BxL is None:
     return allowed_TxS
-  return allowed_TxS & mask_Bx1xLxL[:, :, None, start:end, :end]
+  same_BxTxS = segment_ids_BxL[:, start:end, None] == segment_ids_BxL[:, None, :end]
+  return allowed_TxS & same_BxTxS[:, None, None]
 
 
-def _blocked_fwd(block_len, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xLxL=None):
+def _blocked_fwd(block_len, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL=None):
   with jax.named_scope(SCOPE):
     b, l, n, h = q_BxLxNxH.shape
     kh = k_BxLxKxH.shape[2]
@@ -108,7 +112,7 @@ def _blocked_fwd(block_len, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xLxL=None):
     for start, end in _blocks(l, block_len):
       logits_BxKxGxTxS = jnp.einsum("BKGTH,BKSH->BKGTS", q_BxKxGxLxH[:, :, :, start:end],
                                     k_BxKxLxH[:, :, :end], preferred_element_type=jnp.float32)
-      logits_BxKxGxTxS = jnp.where(_allowed(start, end, mask_Bx1xLxL),
+      logits_BxKxGxTxS = jnp.where(_allowed(start, end, segment_ids_BxL),
                                    logits_BxKxGxTxS * (h ** -0.5), _LARGE_NEGATIVE)
       probs_BxKxGxTxS = jax.nn.softmax(logits_BxKxGxTxS, axis=-1)
       probs.append(probs_BxKxGxTxS)
@@ -117,7 +121,7 @@ def _blocked_fwd(block_len, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xLxL=None):
     out_BxKxGxLxH = jnp.concatenate(outs, axis=3)
     out_BxLxNxH = jnp.transpose(out_BxKxGxLxH, (0, 3, 1, 2, 4)).reshape(b, l, n, h)
     # Empty arrays carry k's and v's own dtypes to the gradient.
-    residuals = (q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, probs, out_BxKxGxLxH, mask_Bx1xLxL,
+    residuals = (q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, probs, out_BxKxGxLxH, segment_ids_BxL,
                  jnp.zeros((0,), k_BxLxKxH.dtype), jnp.zeros((0,), v_BxLxKxH.dtype))
     return out_BxLxNxH, residuals
 
@@ -125,7 +129,7 @@ def _blocked_fwd(block_len, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xLxL=None):
 def _blocked_bwd(block_len, residuals, dout_BxLxNxH):
   """dS = P * (dP - rowsum(dO * O)), block by block; dK, dV summed over the query blocks."""
   with jax.named_scope(SCOPE):
-    (q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, probs, out_BxKxGxLxH, mask_Bx1xLxL,
+    (q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, probs, out_BxKxGxLxH, segment_ids_BxL,
      k_like, v_like) = residuals
     b, kh, g, l, h = q_BxKxGxLxH.shape
     dtype = q_BxKxGxLxH.dtype
@@ -141,7 +145,7 @@ def _blocked_bwd(block_len, residuals, dout_BxLxNxH):
       dprobs_BxKxGxTxS = jnp.einsum("BKGTH,BKSH->BKGTS", dout_BxKxGxTxH,
                                     v_BxKxLxH[:, :, :end], preferred_element_type=f32)
       dlogits_BxKxGxTxS = jnp.where(
-          _allowed(start, end, mask_Bx1xLxL),
+          _allowed(start, end, segment_ids_BxL),
           probs_BxKxGxTxS * (dprobs_BxKxGxTxS - rowsum_BxKxGxLx1[:, :, :, start:end])
           * (h ** -0.5), 0.0).astype(dtype)
       dqs.append(jnp.einsum("BKGTS,BKSH->BKGTH", dlogits_BxKxGxTxS, k_BxKxLxH[:, :, :end],
@@ -167,15 +171,15 @@ _blocked.defvjp(_blocked_fwd, _blocked_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _blocked_masked(block_len, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xLxL):
-  return _blocked_fwd(block_len, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xLxL)[0]
+def _blocked_segments(block_len, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL):
+  return _blocked_fwd(block_len, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL)[0]
 
 
-def _blocked_masked_bwd(block_len, residuals, dout_BxLxNxH):
+def _blocked_segments_bwd(block_len, residuals, dout_BxLxNxH):
   return (*_blocked_bwd(block_len, residuals, dout_BxLxNxH), None)
 
 
-_blocked_masked.defvjp(_blocked_fwd, _blocked_masked_bwd)
+_blocked_segments.defvjp(_blocked_fwd, _blocked_segments_bwd)
 
 
 def rotate(x_BxLxNxH: jax.Array, sin_BxLx1xh: jax.Array, cos_BxLx1xh: jax.Array) -> jax.Array:
