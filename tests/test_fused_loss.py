@@ -4,7 +4,6 @@ import dataclasses
 import functools
 
 import jax
-import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ from pause_flax.model import transformer
 from pause_flax.model.transformer import PAD_LOGIT
 from pause_flax.training import loss as loss_lib
 from pause_flax.training import optimizer, trainer
+from tests.jaxprs import all_eqns
 
 B, L, D, V, VOCAB = 3, 13, 16, 128, 120  # V padded past the real VOCAB
 
@@ -87,27 +87,14 @@ def test_gradient_flows_through_a_transposed_head():
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
-def _transposed_shapes(jaxpr) -> list[tuple[int, ...]]:
-  """Shapes of every transpose's operand in a closed jaxpr, nested ones included."""
-  found = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "transpose":
-      found.append(tuple(eqn.invars[0].aval.shape))
-    for param in eqn.params.values():
-      for sub in (param if isinstance(param, (list, tuple)) else [param]):
-        if isinstance(sub, jax.extend.core.ClosedJaxpr):
-          found += _transposed_shapes(sub.jaxpr)
-        elif isinstance(sub, jax.extend.core.Jaxpr):
-          found += _transposed_shapes(sub)
-  return found
-
-
 def test_output_matrix_and_its_gradient_are_never_transposed():
   """The products read the [V, D] matrix as stored and d head builds up as [V, D]:
   the only transposes are of the chunked activations (no V axis)."""
   h, head, targets, weights = _inputs(4)
   grad = jax.grad(lambda h, w: _fused(h, w, targets, weights, 1e-3, 4).loss, (0, 1))
-  shapes = _transposed_shapes(jax.make_jaxpr(grad)(h, head).jaxpr)
+  shapes = [tuple(eqn.invars[0].aval.shape)
+            for eqn in all_eqns(jax.make_jaxpr(grad)(h, head).jaxpr)
+            if eqn.primitive.name == "transpose"]
   assert shapes  # the chunking's own transposes are seen
   assert not [s for s in shapes if V in s], shapes
 

@@ -6,7 +6,6 @@ import pathlib
 
 import gin
 import jax
-import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from pause_flax import parallel
 from pause_flax.model import kernels
 from pause_flax.model import transformer as tfm
 from pause_flax.model.kernels import cpu as cpu_kernels
+from tests.jaxprs import all_eqns
 
 TINY = tfm.model_config("tiny")
 LOGICAL = {"batch", "length", "embed", "heads", "kv", "mlp", "vocab", "layers"}
@@ -212,20 +212,6 @@ def test_cpu_kernels_equal_xla_kernels_in_the_model(gated, packed):
   assert shapes(cpu) == shapes(xla)
 
 
-def _value_shapes(jaxpr) -> set[tuple[int, ...]]:
-  """Shapes of every value a jaxpr computes, nested jaxprs (scan, remat, custom_vjp) included."""
-  shapes = set()
-  for eqn in jaxpr.eqns:
-    shapes.update(tuple(getattr(v.aval, "shape", ())) for v in eqn.outvars)
-    for param in eqn.params.values():
-      for sub in (param if isinstance(param, (list, tuple)) else [param]):
-        if isinstance(sub, jax.extend.core.ClosedJaxpr):
-          shapes |= _value_shapes(sub.jaxpr)
-        elif isinstance(sub, jax.extend.core.Jaxpr):
-          shapes |= _value_shapes(sub)
-  return shapes
-
-
 def test_packed_segments_form_no_dense_mask_under_blocked_attention():
   """Blocked attention builds each block's mask from the segment ids: neither the
   forward nor the gradient holds an [L, L] array; XLA attention (the control) does."""
@@ -237,7 +223,9 @@ def test_packed_segments_form_no_dense_mask_under_blocked_attention():
     c = kernels.resolve(dataclasses.replace(TINY, max_len=length, attention_impl=impl), "cpu")
     model = tfm.Transformer(c, rngs=nnx.Rngs(0))
     loss = lambda m: jnp.sum(m(tokens, segment_ids_BxL=segment_ids)[..., :TINY.vocab_size])
-    shapes = _value_shapes(jax.make_jaxpr(nnx.grad(loss))(model).jaxpr)
+    shapes = {tuple(getattr(v.aval, "shape", ()))
+              for eqn in all_eqns(jax.make_jaxpr(nnx.grad(loss))(model).jaxpr)
+              for v in eqn.outvars}
     found[impl] = [s for s in shapes if s[-2:] == (length, length)]
   assert found["xla"], "the control should hold the dense [B, 1, L, L] mask"
   assert not found["blocked"], found["blocked"]
