@@ -349,9 +349,9 @@ class Transformer(nnx.Module):
       positions_BxL = jnp.broadcast_to(q_slots_L, (b, l))
     if cache is None:
       # Causality is the attention's own (is_causal, which cuDNN and splash
-      # compute blockwise); a dense mask only for packed segments under the
-      # kernels that cannot read segment ids (blocked and splash can).
-      needs_mask = kernels.attention_impl(c, l) not in ("blocked", "splash")
+      # compute blockwise); a dense mask only for packed segments under an
+      # attention that cannot read segment ids.
+      needs_mask = kernels.attention_impl(c, l) not in kernels.READS_SEGMENT_IDS
       mask_Bx1xLxS = (None if segment_ids_BxL is None or not needs_mask else
                       _attention_mask(q_slots_L, segment_ids_BxL, segment_ids_BxL))
     else:

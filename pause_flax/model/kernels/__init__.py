@@ -41,6 +41,10 @@ class Kernels:
   rotate: Callable | None = None
 
 
+# Attention implementations that read `segment_ids_BxL` and build each block's
+# mask from them; the others take a dense [B, 1, L, L] mask for packed segments.
+READS_SEGMENT_IDS = ("blocked", "splash")
+
 BACKENDS: dict[str, Kernels] = {
     "xla": Kernels(),
     "cpu": Kernels(attention="blocked", mlp=cpu.mlp, embed_lookup=cpu.embed_lookup,
@@ -96,5 +100,5 @@ def attention_impl(config: TransformerConfig, seq_len: int, *, cached: bool = Fa
   return impl
 
 
-__all__ = ["BACKENDS", "Kernels", "attention_impl", "blocked_causal_attention", "cpu", "get",
-           "platform", "resolve", "tpu"]
+__all__ = ["BACKENDS", "Kernels", "READS_SEGMENT_IDS", "attention_impl",
+           "blocked_causal_attention", "cpu", "get", "platform", "resolve", "tpu"]
